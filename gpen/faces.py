@@ -1,0 +1,201 @@
+"""Face detection (facexlib RetinaFace, facenet-pytorch MTCNN) and the FACES value.
+
+Detectors return boxes, scores and five landmarks (left eye, right eye, nose, left and right
+mouth corner, in image coordinates). Weights are only ever read from disk: a missing RetinaFace
+file is a clear error naming the folder, file and official URL, never a download.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+RETINAFACE_FILES = {
+    "retinaface_resnet50": ("resnet50", "detection_Resnet50_Final.pth"),
+    "retinaface_mobile0.25": ("mobile0.25", "detection_mobilenet0.25_Final.pth"),
+}
+RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
+DETECTORS = ("mtcnn", *RETINAFACE_FILES)
+ORDERS = ("largest first", "left to right", "top to bottom", "confidence")
+DETECT_MAX_SIDE = 1500  # larger frames are shrunk for detection only, as the authors do
+DETECT_SHRINK_TO = 1000
+
+
+class DetectorError(ValueError):
+    """A detector that cannot run; the message says which file, folder and URL."""
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detected face; ``affine`` (2x3, image -> aligned crop) is set once it is aligned."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray
+    affine: np.ndarray | None = None
+
+    @property
+    def area(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+@dataclass(frozen=True)
+class FaceSet:
+    """The FACES value: per frame of one IMAGE batch, the faces selected in it."""
+
+    image_size: tuple[int, int]  # (height, width) of the frames they were found in
+    frames: list[list[Face]]
+    crop_size: int | None = None  # set once faces are aligned for a model
+    detector: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(len(faces) for faces in self.frames)
+
+    def flat(self) -> list[tuple[int, Face]]:
+        """(frame index, face) in crop order: frame by frame, faces in selection order."""
+        return [(i, face) for i, faces in enumerate(self.frames) for face in faces]
+
+    def with_alignment(self, affines: Sequence[np.ndarray], crop_size: int) -> FaceSet:
+        it = iter(affines)
+        frames = [[replace(face, affine=next(it)) for face in faces] for faces in self.frames]
+        return replace(self, frames=frames, crop_size=crop_size)
+
+
+class Detector:
+    """A loaded face detector: ``detect(rgb_uint8)`` -> faces above a low floor score."""
+
+    def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
+        raise NotImplementedError
+
+
+class RetinaFaceDetector(Detector):
+    def __init__(self, network: str, weights: Path, device: torch.device):
+        from facexlib.detection.retinaface import RetinaFace
+
+        from .loader import ModelLoadError, canonicalize, read_state_dict
+
+        try:
+            state_dict = canonicalize(read_state_dict(weights), weights.name)
+        except ModelLoadError as e:
+            raise DetectorError(f"{e} Official file: {RETINAFACE_URL}{weights.name}") from None
+        with torch.no_grad():
+            self.net = RetinaFace(network_name=network, half=False, device=device)
+            try:
+                self.net.load_state_dict(state_dict, strict=True)
+            except RuntimeError as e:
+                raise DetectorError(
+                    f"{weights.name} in {weights.parent} is not the RetinaFace {network} detector "
+                    f"({str(e).splitlines()[0]}). Download {RETINAFACE_URL}{weights.name} again."
+                ) from None
+        self.net.eval()
+
+    def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
+        with torch.no_grad():
+            rows = self.net.detect_faces(np.ascontiguousarray(rgb[..., ::-1]), conf_threshold=threshold)
+        return [Face(box=tuple(float(v) for v in r[:4]), score=float(r[4]),
+                     landmarks=np.asarray(r[5:15], np.float64).reshape(5, 2)) for r in rows]
+
+
+class MTCNNDetector(Detector):
+    """MTCNN with the weights bundled in facenet-pytorch: works with zero downloads."""
+
+    def __init__(self, device: torch.device):
+        from facenet_pytorch import MTCNN
+
+        self.net = MTCNN(keep_all=True, device=device, post_process=False)
+
+    def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
+        with torch.no_grad():
+            boxes, probs, points = self.net.detect(rgb, landmarks=True)
+        if boxes is None:
+            return []
+        # facenet-pytorch hands back object arrays; go through lists for numpy 2.
+        boxes = np.asarray(boxes.tolist(), float)
+        probs = np.asarray(probs.tolist(), float)
+        points = np.asarray(points.tolist(), float)
+        return [Face(box=tuple(b), score=float(p), landmarks=pts)
+                for b, p, pts in zip(boxes, probs, points) if p >= threshold]
+
+
+def retinaface_path(detector: str, model_dirs: Sequence[str | Path]) -> Path:
+    """The weights file for a RetinaFace choice, or a clear error saying where to put it."""
+    filename = RETINAFACE_FILES[detector][1]
+    for folder in model_dirs:
+        candidate = Path(folder) / filename
+        if candidate.is_file():
+            return candidate
+    where = ", ".join(str(d) for d in model_dirs) or "models/facedetection"
+    raise DetectorError(
+        f"Face detector weights {filename} not found in {where}. Download {RETINAFACE_URL}{filename} "
+        f"into that folder, or choose the 'mtcnn' detector, which needs no download.")
+
+
+@functools.lru_cache(maxsize=4)
+def load_detector(name: str, model_dirs: tuple[str, ...] = (), device: str = "cpu") -> Detector:
+    """Build (once per process) the detector ``name``; RetinaFace weights come from ``model_dirs``."""
+    if name not in DETECTORS:
+        raise DetectorError(f"Unknown detector '{name}'; choose one of {', '.join(DETECTORS)}.")
+    try:
+        if name == "mtcnn":
+            return MTCNNDetector(torch.device(device))
+        network, _ = RETINAFACE_FILES[name]
+        return RetinaFaceDetector(network, retinaface_path(name, model_dirs), torch.device(device))
+    except ImportError as e:
+        package = "facenet-pytorch==2.6.0" if name == "mtcnn" else "facexlib==0.3.0"
+        raise DetectorError(f"The '{name}' detector needs {package}, which is not importable "
+                            f"({e}). Run the pack's install.py, or: pip install --no-deps {package}"
+                            ) from None
+
+
+def detect_frame(detector: Detector, rgb: np.ndarray, threshold: float) -> list[Face]:
+    """Detect on one uint8 RGB frame, shrinking very large frames for detection only."""
+    height, width = rgb.shape[:2]
+    scale = 1.0
+    if max(height, width) > DETECT_MAX_SIDE:
+        scale = DETECT_SHRINK_TO / max(height, width)
+        rgb = cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    faces = detector.detect(rgb, threshold)
+    if scale != 1.0:
+        faces = [replace(f, box=tuple(v / scale for v in f.box), landmarks=f.landmarks / scale)
+                 for f in faces]
+    return faces
+
+
+def select_faces(faces: list[Face], order: str = "largest first", max_faces: int = 0,
+                 min_size: float = 0.0, indices: Sequence[int] = ()) -> list[Face]:
+    """Filter by size, sort, then keep chosen indices and/or the first ``max_faces``."""
+    faces = [f for f in faces if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_size]
+    keys: dict[str, Callable[[Face], float]] = {
+        "largest first": lambda f: -f.area,
+        "left to right": lambda f: f.box[0],
+        "top to bottom": lambda f: f.box[1],
+        "confidence": lambda f: -f.score,
+    }
+    if order not in keys:
+        raise ValueError(f"Unknown face order '{order}'; choose one of {', '.join(ORDERS)}.")
+    faces = sorted(faces, key=keys[order])
+    if indices:
+        faces = [faces[i] for i in indices if 0 <= i < len(faces)]
+    if max_faces > 0:
+        faces = faces[:max_faces]
+    return faces
+
+
+def parse_indices(text: str) -> list[int]:
+    """'0,2' -> [0, 2]; empty -> []. Raises a clear error for anything else."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise ValueError(f"Face indices must be comma-separated numbers such as '0,2'; got '{text}'.") from None

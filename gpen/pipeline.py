@@ -1,0 +1,128 @@
+"""The batch-level steps the nodes and the CLI share: detect, align + restore, paste back.
+
+Each step takes and returns ComfyUI-layout tensors (IMAGE ``[B,H,W,C]``, MASK ``[B,H,W]``)
+and a FaceSet, checks that what it was given belongs together, and leaves frames without
+faces exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import image as im
+from .align import align_face
+from .faces import Detector, FaceSet, detect_frame, select_faces
+from .paste import paste_faces
+
+BatchCallback = Callable[[int, int], None]
+
+
+def detect(image: torch.Tensor, detector: Detector, threshold: float = 0.9,
+           order: str = "largest first", max_faces: int = 0, min_size: float = 0.0,
+           indices: Sequence[int] = (), detector_name: str = "",
+           on_frame: BatchCallback | None = None) -> FaceSet:
+    """Detect and select faces in every frame of an IMAGE batch."""
+    im.check_image(image)
+    frames = []
+    for index in range(image.shape[0]):
+        rgb = im.to_uint8(im.frame_rgb(image, index))
+        found = detect_frame(detector, rgb, threshold)
+        frames.append(select_faces(found, order, max_faces, min_size, indices))
+        if on_frame:
+            on_frame(index + 1, image.shape[0])
+    return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=detector_name)
+
+
+def check_faces_match(image: torch.Tensor, faces: FaceSet, node: str) -> None:
+    """FACES from another IMAGE batch would paste faces in the wrong places: say so."""
+    if not isinstance(faces, FaceSet):
+        raise ValueError(f"{node}: the faces input must come from a Detect Faces node.")
+    height, width = image.shape[1], image.shape[2]
+    if (height, width) != tuple(faces.image_size):
+        raise ValueError(f"{node}: the image is {width}x{height} but the faces were detected on a "
+                         f"{faces.image_size[1]}x{faces.image_size[0]} image. Connect the same image "
+                         f"to Detect Faces and to this node.")
+    if image.shape[0] != len(faces.frames):
+        raise ValueError(f"{node}: the image batch has {image.shape[0]} frames but the faces were "
+                         f"detected on {len(faces.frames)}. Connect the same image batch to Detect "
+                         f"Faces and to this node.")
+
+
+def align(image: torch.Tensor, faces: FaceSet, size: int) -> tuple[torch.Tensor, FaceSet]:
+    """Cut every selected face at ``size``; returns the crops and the FACES with transforms."""
+    check_faces_match(image, faces, "GPEN Restore")
+    crops, affines = [], []
+    frame_cache: dict[int, np.ndarray] = {}
+    for index, face in faces.flat():
+        if index not in frame_cache:
+            frame_cache = {index: im.frame_rgb(image, index)}
+        crop, affine = align_face(frame_cache[index], face.landmarks, size)
+        crops.append(crop)
+        affines.append(affine)
+    return im.crops_to_tensor(crops, size), faces.with_alignment(affines, size)
+
+
+def restore(model: torch.nn.Module, crops: torch.Tensor, strength: float = 1.0, batch_size: int = 4,
+            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+            on_batch: BatchCallback | None = None) -> torch.Tensor:
+    """Run the generator over aligned crops in batches; ``strength`` mixes restored over input.
+
+    A CUDA out-of-memory error halves the batch and retries; any other error propagates.
+    """
+    total = crops.shape[0]
+    out = torch.empty_like(crops)
+    start = 0
+    batch_size = max(1, int(batch_size))
+    while start < total:
+        chunk = crops[start:start + batch_size]
+        try:
+            with torch.inference_mode():
+                x = im.crops_to_model(chunk).to(device=device, dtype=dtype)
+                restored = im.model_to_crops(model(x)).to("cpu")
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            continue
+        out[start:start + chunk.shape[0]] = strength * restored + (1.0 - strength) * chunk
+        start += chunk.shape[0]
+        if on_batch:
+            on_batch(start, total)
+    return out
+
+
+def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet,
+          feather: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste restored crops onto their frames; returns (IMAGE, MASK). Faceless frames pass through."""
+    im.check_image(image)
+    im.check_image(crops, "restored faces")
+    check_faces_match(image, faces, "Paste Back")
+    if crops.shape[0] != faces.count:
+        raise ValueError(f"Paste Back: got {crops.shape[0]} restored faces for {faces.count} detected "
+                         f"faces. Connect the faces output of the same GPEN Restore node.")
+    if faces.count and faces.crop_size is None:
+        raise ValueError("Paste Back: these faces have not been aligned. Connect the faces output of "
+                         "GPEN Restore 2048, not of Detect Faces.")
+    if crops.shape[1] != crops.shape[2]:
+        raise ValueError(f"Paste Back: restored faces must be square; got {crops.shape[2]}x{crops.shape[1]}.")
+    # Crops may have been resized by other nodes since alignment: rescale the transforms to match.
+    rescale = crops.shape[1] / faces.crop_size if faces.count else 1.0
+    images, masks = [], []
+    flat = faces.flat()
+    for index in range(image.shape[0]):
+        members = [(k, face) for k, (i, face) in enumerate(flat) if i == index]
+        height, width = image.shape[1], image.shape[2]
+        if not members:
+            images.append(image[index].detach().to("cpu", torch.float32))
+            masks.append(torch.zeros((height, width), dtype=torch.float32))
+            continue
+        frame = im.frame_rgb(image, index)
+        face_crops = [crops[k, ..., :3].detach().to("cpu", torch.float32).numpy() for k, _ in members]
+        affines = [face.affine * rescale for _, face in members]
+        out, mask = paste_faces(frame, face_crops, affines, feather)
+        images.append(im.with_rgb(image, index, out))
+        masks.append(torch.from_numpy(mask))
+    return torch.stack(images), torch.stack(masks)
