@@ -91,15 +91,17 @@ def _read_pickle(path: Path) -> Mapping:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad files; all mean the same here
         text = str(e)
-        if "Weights only load failed" in text and "Unsupported global" in text:
+        found = re.search(r"GLOBAL (\S+)", text) if "Weights only load failed" in text else None
+        if found:
             raise ModelLoadError(
-                f"{path.name} was refused: its pickle asks to run code or build Python objects, "
-                f"not just tensors, so it was not loaded. Use a checkpoint from a trusted source. "
-                f"{WHERE_TO_GET}") from None
+                f"{path.name} was refused: its pickle asks for {found.group(1)}, i.e. Python objects "
+                f"or code, not just tensors, so it was not loaded and nothing in it ran. Use a "
+                f"checkpoint from a trusted source. {WHERE_TO_GET}") from None
+        detail = ("not a plain weights pickle" if "Weights only load failed" in text
+                  else text.splitlines()[0] if text else type(e).__name__)
         raise ModelLoadError(
-            f"{path.name} could not be read as a PyTorch checkpoint ({type(e).__name__}: "
-            f"{text.splitlines()[0] if text else 'no detail'}). The file is truncated, corrupt or "
-            f"not a checkpoint; download it again. {WHERE_TO_GET}") from None
+            f"{path.name} could not be read as a PyTorch checkpoint ({detail}). The file is "
+            f"truncated, corrupt or not a checkpoint; download it again. {WHERE_TO_GET}") from None
 
 
 def canonicalize(obj: object, name: str = "state dict") -> dict[str, torch.Tensor]:

@@ -1,0 +1,206 @@
+"""ComfyUI nodes: thin wrappers that parse inputs, call gpen/, and wrap the outputs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from typing_extensions import override
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+
+from .gpen import ModelLoadError, load_generator, pipeline
+from .gpen.faces import DETECTORS, ORDERS, load_detector, parse_indices
+
+MODEL_FOLDER = "facerestore_models"  # shared with the other face-restore packs
+DETECTOR_FOLDER = "facedetection"
+WEIGHT_EXTENSIONS = {".pth", ".pt", ".safetensors"}
+PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CATEGORY = "GPEN"
+
+GPENModel = io.Custom("GPEN_MODEL")
+Faces = io.Custom("FACES")
+
+
+def _register_folders() -> None:
+    for folder, subdirs in ((MODEL_FOLDER, ("facerestore_models", "gpen")),
+                            (DETECTOR_FOLDER, ("facedetection",))):
+        for sub in subdirs:
+            folder_paths.add_model_folder_path(folder, os.path.join(folder_paths.models_dir, sub))
+        paths, _ = folder_paths.folder_names_and_paths[folder]
+        folder_paths.folder_names_and_paths[folder] = (paths, WEIGHT_EXTENSIONS)
+
+
+_register_folders()
+
+
+def _progress_callback(total: int):
+    """A ProgressBar that also honours the UI's cancel button between batches."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, _total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+    return update
+
+
+class LoadGPENModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GPENModelLoader",
+            display_name="Load GPEN Model",
+            category=CATEGORY,
+            description="Loads a GPEN-BFR face restoration checkpoint (512, 1024 or 2048; .pth or "
+                        ".safetensors) from models/facerestore_models or models/gpen. The size and "
+                        "architecture are read from the weights; pickles are loaded weights-only.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list(MODEL_FOLDER),
+                               tooltip="GPEN-BFR-512/1024/2048 checkpoint in models/facerestore_models "
+                                       "or models/gpen."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="auto: fp16 on a GPU, fp32 on CPU. bf16 saves memory on recent "
+                                       "GPUs; fp32 is exact but slowest."),
+            ],
+            outputs=[GPENModel.Output(display_name="gpen_model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, precision: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path(MODEL_FOLDER, model_name)
+        if path is None:
+            folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
+            raise ModelLoadError(f"GPEN model '{model_name}' was not found in {folders}. It may have "
+                                 f"been moved or deleted; put it back or pick another file.")
+        load_device = mm.get_torch_device()
+        dtype = PRECISIONS[precision] or (torch.float16 if load_device.type == "cuda" else torch.float32)
+        model = load_generator(path, device="cpu", dtype=dtype)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device,
+                                                   offload_device=mm.unet_offload_device())
+        return io.NodeOutput(patcher)
+
+
+class DetectFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GPENDetectFaces",
+            display_name="Detect Faces",
+            category=CATEGORY,
+            description="Finds faces and their five landmarks in every frame of an image batch and "
+                        "selects which ones to restore. mtcnn needs no download; RetinaFace reads "
+                        "its weights from models/facedetection.",
+            inputs=[
+                io.Image.Input("image", tooltip="Image or batch of frames to search for faces."),
+                io.Combo.Input("detector", options=list(DETECTORS), default="mtcnn",
+                               tooltip="mtcnn: bundled weights, no download. retinaface_*: the GPEN "
+                                       "authors' detector; needs detection_Resnet50_Final.pth or "
+                                       "detection_mobilenet0.25_Final.pth in models/facedetection."),
+                io.Float.Input("threshold", default=0.9, min=0.05, max=1.0, step=0.01,
+                               tooltip="Minimum detection confidence."),
+                io.Int.Input("max_faces", default=0, min=0, max=256,
+                             tooltip="Keep at most this many faces per frame, after ordering "
+                                     "(0 = all)."),
+                io.Combo.Input("order", options=list(ORDERS), default=ORDERS[0],
+                               tooltip="How faces are ordered for max_faces and indices."),
+                io.Int.Input("min_size", default=0, min=0, max=8192,
+                             tooltip="Ignore faces whose box is smaller than this many pixels on its "
+                                     "shorter side."),
+                io.String.Input("indices", default="",
+                                tooltip="Only these faces, by position in the order, e.g. '0,2' "
+                                        "(empty = all)."),
+            ],
+            outputs=[Faces.Output(display_name="faces")],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, detector: str, threshold: float, max_faces: int,
+                order: str, min_size: int, indices: str) -> io.NodeOutput:
+        chosen = parse_indices(indices)
+        model_dirs = tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER))
+        device = mm.get_torch_device()
+        found = load_detector(detector, model_dirs, str(device))
+        faces = pipeline.detect(image, found, threshold, order, max_faces, float(min_size), chosen,
+                                detector_name=detector, on_frame=_progress_callback(image.shape[0]))
+        return io.NodeOutput(faces)
+
+
+class GPENRestore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GPENRestore",
+            display_name="GPEN Restore 2048",
+            category=CATEGORY,
+            description="Aligns each selected face to GPEN's five-point template at the model's own "
+                        "size (cut from the full-resolution source) and restores them in batches. "
+                        "Outputs the restored face crops and the faces with their alignment.",
+            inputs=[
+                GPENModel.Input("gpen_model", tooltip="From Load GPEN Model."),
+                io.Image.Input("image", tooltip="The same image batch that went into Detect Faces."),
+                Faces.Input("faces", tooltip="From Detect Faces."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="1 = fully restored face, 0 = the original; in between mixes "
+                                       "them (the authors use 0.8 for 2048)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Faces per forward pass; halved automatically if the GPU runs "
+                                     "out of memory."),
+            ],
+            outputs=[io.Image.Output(display_name="restored_faces"),
+                     Faces.Output(display_name="faces")],
+        )
+
+    @classmethod
+    def execute(cls, gpen_model, image: torch.Tensor, faces, strength: float,
+                batch_size: int) -> io.NodeOutput:
+        model = gpen_model.model
+        crops, aligned = pipeline.align(image, faces, model.size)
+        if aligned.count:
+            per_face = crops[0].numel() * 4 * 48  # activations of one face, generously
+            mm.load_models_gpu([gpen_model], memory_required=per_face * batch_size)
+            dtype = next(model.parameters()).dtype
+            crops = pipeline.restore(model, crops, strength, batch_size, gpen_model.load_device,
+                                     dtype, on_batch=_progress_callback(aligned.count))
+        return io.NodeOutput(crops, aligned)
+
+
+class PasteBack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GPENPasteBack",
+            display_name="Paste Back",
+            category=CATEGORY,
+            description="Warps each restored face back into its frame through a soft face-shaped "
+                        "mask and composites all faces of a frame in one pass. Frames without faces "
+                        "pass through unchanged. Also outputs the paste mask.",
+            inputs=[
+                io.Image.Input("image", tooltip="The original image batch the faces were found in."),
+                io.Image.Input("restored_faces", tooltip="restored_faces from GPEN Restore 2048 "
+                                                         "(other nodes may edit them in between)."),
+                Faces.Input("faces", tooltip="faces from GPEN Restore 2048."),
+                io.Float.Input("feather", default=0.15, min=0.01, max=0.5, step=0.01,
+                               tooltip="Width of the mask's soft edge, relative to the face size."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, restored_faces: torch.Tensor, faces,
+                feather: float) -> io.NodeOutput:
+        out, mask = pipeline.paste(image, restored_faces, faces, feather)
+        return io.NodeOutput(out, mask)
+
+
+class GPENExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadGPENModel, DetectFaces, GPENRestore, PasteBack]
+
+
+async def comfy_entrypoint() -> GPENExtension:
+    return GPENExtension()

@@ -1,0 +1,137 @@
+"""Shared fixtures: reference data, real photos, generated GPEN weights, and a real ComfyUI host."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GPEN_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+COMFY_DIR = Path(os.environ.get("GPEN_COMFY_DIR", REPO / ".host" / "ComfyUI"))
+
+
+def random_state_dict(manifest: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights in the exact key/shape layout of a released checkpoint, values random.
+
+    Blur kernels get their real values: they are fixed buffers, not learned.
+    """
+    from gpen.arch import blur_kernel
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in manifest["keys"].items():
+        if key.endswith("kernel"):
+            gain = 1.0 if key.startswith("ecd") else 4.0
+            out[key] = blur_kernel(gain)
+        else:
+            out[key] = torch.randn(shape, generator=gen) * 0.1
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifests() -> dict[int, dict]:
+    return {s: json.loads((REFERENCE / f"manifest_{s}.json").read_text()) for s in (512, 1024, 2048)}
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def gpen512_file(tmp_path_factory, manifests) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "GPEN-BFR-512.pth"
+    torch.save(random_state_dict(manifests[512]), path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyHost:
+    """A real ComfyUI server with this pack in custom_nodes, driven over its HTTP API."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        for sub in ("custom_nodes", "input", "output", "user", "models/facerestore_models",
+                    "models/facedetection"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        (base / "custom_nodes" / "comfyui-gpen").symlink_to(REPO, target_is_directory=True)
+        self.log = open(base / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+            cwd=COMFY_DIR, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited at start-up; see {base / 'server.log'}")
+            try:
+                self.get("/object_info/GPENRestore")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise RuntimeError("ComfyUI did not answer within 180 s")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.load(r)
+
+    def post_prompt(self, graph: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": graph}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def run(self, graph: dict, timeout: float = 300) -> dict:
+        """Queue a graph and wait for its history entry (status + outputs)."""
+        status, body = self.post_prompt(graph)
+        assert status == 200, body
+        prompt_id = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory) -> ComfyHost:
+    if not (COMFY_DIR / "main.py").is_file():
+        raise RuntimeError(f"No ComfyUI at {COMFY_DIR}: run `bash scripts/setup.sh` first, or set "
+                           f"GPEN_COMFY_DIR.")
+    server = ComfyHost(tmp_path_factory.mktemp("comfy"))
+    yield server
+    server.stop()
