@@ -76,6 +76,8 @@ class LoadGPENModel(io.ComfyNode):
             folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
             raise ModelLoadError(f"GPEN model '{model_name}' was not found in {folders}. It may have "
                                  f"been moved or deleted; put it back or pick another file.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
         load_device = mm.get_torch_device()
         dtype = PRECISIONS[precision] or (torch.float16 if load_device.type == "cuda" else torch.float32)
         model = load_generator(path, device="cpu", dtype=dtype)
