@@ -68,6 +68,8 @@ cp -n "$pack"/workflows/*.json "$base/user/default/workflows/" 2>/dev/null || tr
 [ -f "$base/input/astronaut.png" ] || "$py" -c "import sys, skimage.data, skimage.io; skimage.io.imsave(sys.argv[1], skimage.data.astronaut())" "$base/input/astronaut.png"
 echo "Starting ComfyUI on http://127.0.0.1:${GPEN_PORT:-8188} (workflows: Workflow > Browse)."
 echo "Put GPEN-BFR-*.pth in $base/models/facerestore_models (see README.md)."
+device=()
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || device=(--cpu)
 cd "$comfy"
-exec "$py" main.py --cpu --listen 127.0.0.1 --port "${GPEN_PORT:-8188}" --base-directory "$base" \
+exec "$py" main.py "${device[@]}" --listen 127.0.0.1 --port "${GPEN_PORT:-8188}" --base-directory "$base" \
   --database-url "sqlite:///$base/user/comfyui.db"
