@@ -25,6 +25,7 @@ DETECTORS = ("mtcnn", *RETINAFACE_FILES)
 ORDERS = ("largest first", "left to right", "top to bottom", "confidence")
 DETECT_MAX_SIDE = 1500  # larger frames are shrunk for detection only, as the authors do
 DETECT_SHRINK_TO = 1000
+DETECT_MIN_SIDE = 20  # MTCNN finds nothing smaller (its minimum face size), and crashes on it
 
 
 class DetectorError(ValueError):
@@ -83,10 +84,11 @@ class RetinaFaceDetector(Detector):
 
         from .loader import ModelLoadError, canonicalize, read_state_dict
 
+        fix = f"Download {RETINAFACE_URL}{weights.name} into {weights.parent} again."
         try:
-            state_dict = canonicalize(read_state_dict(weights), weights.name)
+            state_dict = canonicalize(read_state_dict(weights, fix), weights.name)
         except ModelLoadError as e:
-            raise DetectorError(f"{e} Official file: {RETINAFACE_URL}{weights.name}") from None
+            raise DetectorError(f"Face detector weights {weights} are unusable: {e}") from None
         with torch.no_grad():
             self.net = RetinaFace(network_name=network, half=False, device=device)
             try:
@@ -159,6 +161,8 @@ def load_detector(name: str, model_dirs: tuple[str, ...] = (), device: str = "cp
 def detect_frame(detector: Detector, rgb: np.ndarray, threshold: float) -> list[Face]:
     """Detect on one uint8 RGB frame, shrinking very large frames for detection only."""
     height, width = rgb.shape[:2]
+    if min(height, width) < DETECT_MIN_SIDE:
+        return []
     scale = 1.0
     if max(height, width) > DETECT_MAX_SIDE:
         scale = DETECT_SHRINK_TO / max(height, width)

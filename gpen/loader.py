@@ -49,22 +49,25 @@ class ModelLoadError(ValueError):
     """A model file that cannot be used; the message says which file and what to do."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from ``.safetensors`` or a weights-only pickle, refusing anything else."""
+def read_state_dict(path: str | Path, fix: str = WHERE_TO_GET) -> dict[str, torch.Tensor]:
+    """Read tensors from ``.safetensors`` or a weights-only pickle, refusing anything else.
+
+    ``fix`` is the what-to-do sentence that ends every error (where to get a good file).
+    """
     path = Path(path)
     name = path.name
     if not path.is_file():
         raise ModelLoadError(f"GPEN model file not found: {path}. It may have been moved or deleted "
-                             f"since the list was shown; refresh the node list. {WHERE_TO_GET}")
+                             f"since the list was shown; refresh the node list. {fix}")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES or _looks_like_onnx(path):
         raise ModelLoadError(f"{name} is an ONNX model (the format ReActor ships); this pack runs the "
-                             f"PyTorch checkpoint instead, with no onnxruntime. {WHERE_TO_GET}")
+                             f"PyTorch checkpoint instead, with no onnxruntime. {fix}")
     if path.stat().st_size == 0:
-        raise ModelLoadError(f"{name} is empty (0 bytes): the download did not finish. {WHERE_TO_GET}")
+        raise ModelLoadError(f"{name} is empty (0 bytes): the download did not finish. {fix}")
     if suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_pickle(path)
+        return _read_safetensors(path, fix)
+    return _read_pickle(path, fix)
 
 
 def _looks_like_onnx(path: Path) -> bool:
@@ -75,7 +78,7 @@ def _looks_like_onnx(path: Path) -> bool:
         return f.read(1) == b"\x08"
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -83,10 +86,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"{path.name} is not a readable .safetensors file ({e}); it is probably "
-                             f"truncated. Download or convert it again.") from e
+                             f"truncated. {fix}") from e
 
 
-def _read_pickle(path: Path) -> Mapping:
+def _read_pickle(path: Path, fix: str) -> Mapping:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad files; all mean the same here
@@ -96,12 +99,12 @@ def _read_pickle(path: Path) -> Mapping:
             raise ModelLoadError(
                 f"{path.name} was refused: its pickle asks for {found.group(1)}, i.e. Python objects "
                 f"or code, not just tensors, so it was not loaded and nothing in it ran. Use a "
-                f"checkpoint from a trusted source. {WHERE_TO_GET}") from None
+                f"checkpoint from a trusted source. {fix}") from None
         detail = ("not a plain weights pickle" if "Weights only load failed" in text
                   else text.splitlines()[0] if text else type(e).__name__)
         raise ModelLoadError(
             f"{path.name} could not be read as a PyTorch checkpoint ({detail}). The file is "
-            f"truncated, corrupt or not a checkpoint; download it again. {WHERE_TO_GET}") from None
+            f"truncated, corrupt or not a checkpoint; download it again. {fix}") from None
 
 
 def canonicalize(obj: object, name: str = "state dict") -> dict[str, torch.Tensor]:

@@ -1,12 +1,15 @@
 """The pack in a real ComfyUI 0.3.75 server: registration, workflows over /prompt, errors."""
 
 import shutil
+import threading
 
 import cv2
 import numpy as np
+import psutil
 import pytest
+import torch
 
-from gpen import pipeline
+from gpen import FullGenerator, GPENConfig, pipeline
 from gpen.faces import load_detector
 
 NODES = {"GPENModelLoader": "Load GPEN Model", "GPENDetectFaces": "Detect Faces",
@@ -20,8 +23,15 @@ def served(host, gpen512_file, astronaut):
     cv2.imwrite(str(host.base / "input" / "astronaut.png"), astronaut[..., ::-1])
     ramp = np.tile(np.linspace(30, 220, 320, dtype=np.uint8)[None, :, None], (240, 1, 3))
     cv2.imwrite(str(host.base / "input" / "no_face.png"), ramp)
-    (host.base / "models" / "facerestore_models" / "evil.pth").write_bytes(
-        (host.base.parent / "evil.bin").write_bytes(b"") or _evil_pickle(host.base / "pwned"))
+    models = host.base / "models" / "facerestore_models"
+    (models / "evil.pth").write_bytes(_evil_pickle(host.base / "pwned"))
+    (models / "empty.pth").write_bytes(b"")
+    (models / "noise.pth").write_bytes(np.random.default_rng(0).bytes(5000))
+    (models / "GPEN-BFR-512.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    torch.save({"conv_body_first.weight": torch.zeros(1)}, models / "GFPGANv1.4.pth")
+    torch.manual_seed(0)
+    tiny = FullGenerator(GPENConfig(size=64, style_dim=32, n_mlp=2, narrow=1 / 16))
+    torch.save(tiny.state_dict(), models / "GPEN-tiny-64.pth")
     return host
 
 
@@ -139,3 +149,80 @@ def test_invalid_choices_get_clear_errors(served):
     graph = restore_graph("astronaut.png")
     graph["2"]["inputs"]["precision"] = "int8"
     assert "Unknown precision 'int8'" in error_of(served.run(graph))["exception_message"]
+
+
+def _good_run(host, tag: str, threshold: float = 0.9) -> dict:
+    graph = restore_graph("astronaut.png", model="GPEN-tiny-64.pth", prefix=tag)
+    graph["3"]["inputs"]["threshold"] = threshold
+    return host.run(graph)
+
+
+BAD_PROMPTS = [
+    ({"2": {"model_name": "deleted.pth"}}, "GPENModelLoader", "'deleted.pth' was not found"),
+    ({"2": {"model_name": "evil.pth"}}, "GPENModelLoader", "refused"),
+    ({"2": {"model_name": "empty.pth"}}, "GPENModelLoader", "empty.pth is empty"),
+    ({"2": {"model_name": "noise.pth"}}, "GPENModelLoader", "could not be read"),
+    ({"2": {"model_name": "GPEN-BFR-512.onnx"}}, "GPENModelLoader", "ONNX model"),
+    ({"2": {"model_name": "GFPGANv1.4.pth"}}, "GPENModelLoader", "looks like GFPGAN"),
+    ({"3": {"detector": "retinaface_mobile0.25"}}, "GPENDetectFaces", "detection_mobilenet0.25_Final.pth"),
+    ({"3": {"indices": "first"}}, "GPENDetectFaces", "comma-separated"),
+]
+
+
+@pytest.mark.parametrize("change, node, expected", BAD_PROMPTS)
+def test_failing_prompt_then_good_prompt(served, change, node, expected):
+    graph = restore_graph("astronaut.png", model="GPEN-tiny-64.pth")
+    for node_id, inputs in change.items():
+        graph[node_id]["inputs"].update(inputs)
+    error = error_of(served.run(graph))
+    assert error["node_type"] == node and expected in error["exception_message"]
+    assert _good_run(served, "recovered", threshold=0.9 - 0.001 * len(expected))["status"][
+        "status_str"] == "success"
+
+
+def test_faces_from_another_image_are_refused(served):
+    graph = restore_graph("astronaut.png", model="GPEN-tiny-64.pth")
+    graph["9"] = {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear",
+                                                         "width": 300, "height": 200, "crop": "disabled"}}
+    graph["5"]["inputs"]["image"] = ["9", 0]
+    error = error_of(served.run(graph))
+    assert error["node_type"] == "GPENPasteBack"
+    assert "300x200" in error["exception_message"] and "512x512" in error["exception_message"]
+
+
+def test_fifty_prompts_do_not_leak(served):
+    process = psutil.Process(served.proc.pid)
+    rss = []
+    for i in range(50):
+        entry = _good_run(served, f"leak{i}", threshold=0.85 - 0.001 * i)
+        assert entry["status"]["status_str"] == "success"
+        rss.append(process.memory_info().rss)
+    growth = rss[-1] / rss[4]
+    print(f"RSS after 5th: {rss[4] / 2**20:.0f} MiB, after 50th: {rss[-1] / 2**20:.0f} MiB ({growth:.3f}x)")
+    assert growth <= 1.10
+
+
+def test_two_clients_at_once(served):
+    results = {}
+
+    def client(name: str, threshold: float) -> None:
+        results[name] = _good_run(served, name, threshold)
+
+    threads = [threading.Thread(target=client, args=(f"client{i}", 0.7 + 0.01 * i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == ["client0", "client1"]
+    for name, entry in results.items():
+        assert entry["status"]["status_str"] == "success"
+        assert entry["outputs"]["6"]["images"][0]["filename"].startswith(name)
+
+
+def test_model_files_are_never_written(served):
+    folder = served.base / "models" / "facerestore_models"
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+    assert _good_run(served, "readonly", threshold=0.77)["status"]["status_str"] == "success"
+    error_of(served.run(restore_graph("astronaut.png", model="evil.pth")))
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+    assert after == before
