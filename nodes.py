@@ -13,14 +13,21 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
+# Inputs added after a node's first release are optional with defaults, so API prompts and
+# workflows saved before them keep validating and running unchanged.
+
 from .gpen import ModelLoadError, load_generator, pipeline
+from .gpen import image as im
 from .gpen.faces import DETECTORS, ORDERS, load_detector, parse_indices
+from .gpen.parsing import PARSERS, load_parser
+from .gpen.paste import BLENDS
 
 MODEL_FOLDER = "facerestore_models"  # shared with the other face-restore packs
 DETECTOR_FOLDER = "facedetection"
 WEIGHT_EXTENSIONS = {".pth", ".pt", ".safetensors"}
 PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CATEGORY = "GPEN"
+MASKS = ("face ellipse", *(f"parsing: {name}" for name in PARSERS))
 
 GPENModel = io.Custom("GPEN_MODEL")
 Faces = io.Custom("FACES")
@@ -115,19 +122,23 @@ class DetectFaces(io.ComfyNode):
                 io.String.Input("indices", default="",
                                 tooltip="Only these faces, by position in the order, e.g. '0,2' "
                                         "(empty = all)."),
+                io.Float.Input("smoothing", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Video: smooth each tracked face's landmarks over the frames "
+                                       "of the batch against flicker (0 = off, 0.9 = strong)."),
             ],
             outputs=[Faces.Output(display_name="faces")],
         )
 
     @classmethod
     def execute(cls, image: torch.Tensor, detector: str, threshold: float, max_faces: int,
-                order: str, min_size: int, indices: str) -> io.NodeOutput:
+                order: str, min_size: int, indices: str, smoothing: float = 0.0) -> io.NodeOutput:
         chosen = parse_indices(indices)
         model_dirs = tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER))
         device = mm.get_torch_device()
         found = load_detector(detector, model_dirs, str(device))
         faces = pipeline.detect(image, found, threshold, order, max_faces, float(min_size), chosen,
-                                detector_name=detector, on_frame=_progress_callback(image.shape[0]))
+                                detector_name=detector, smoothing=smoothing,
+                                on_frame=_progress_callback(image.shape[0]))
         return io.NodeOutput(faces)
 
 
@@ -187,15 +198,51 @@ class PasteBack(io.ComfyNode):
                 Faces.Input("faces", tooltip="faces from GPEN Restore 2048."),
                 io.Float.Input("feather", default=0.15, min=0.01, max=0.5, step=0.01,
                                tooltip="Width of the mask's soft edge, relative to the face size."),
+                io.Boolean.Input("color_correction", default=True, optional=True,
+                                 tooltip="Match the restored face's colour (LAB mean and spread) to "
+                                         "the original face, against skin-tone drift."),
+                io.Combo.Input("blend", options=list(BLENDS), default=BLENDS[0], optional=True,
+                               tooltip="multiband: Laplacian-pyramid blend, no visible edge. alpha: "
+                                       "plain mask blend, changes exactly inside the mask."),
+                io.Float.Input("upscale", default=1.0, min=1.0, max=4.0, step=0.25, optional=True,
+                               tooltip="Enlarge the whole image by this factor and paste the faces at "
+                                       "their restored resolution, keeping 1024/2048 detail."),
+                io.Combo.Input("mask", options=list(MASKS), default=MASKS[0], optional=True,
+                               tooltip="face ellipse: no download. parsing: facexlib's face parsing "
+                                       "(parsing_bisenet.pth / parsing_parsenet.pth in "
+                                       "models/facedetection) follows hair and face outline."),
+                io.UpscaleModel.Input("upscale_model", optional=True,
+                                      tooltip="Optional: enlarge the background with this model "
+                                              "(Load Upscale Model) instead of Lanczos."),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask")],
         )
 
     @classmethod
-    def execute(cls, image: torch.Tensor, restored_faces: torch.Tensor, faces,
-                feather: float) -> io.NodeOutput:
-        out, mask = pipeline.paste(image, restored_faces, faces, feather)
-        return io.NodeOutput(out, mask)
+    def execute(cls, image: torch.Tensor, restored_faces: torch.Tensor, faces, feather: float,
+                color_correction: bool = True, blend: str = BLENDS[0], upscale: float = 1.0,
+                mask: str = MASKS[0], upscale_model=None) -> io.NodeOutput:
+        if mask not in MASKS:
+            raise ValueError(f"Unknown mask '{mask}'; choose one of {', '.join(MASKS)}.")
+        parser = None
+        if mask != MASKS[0]:
+            parser = load_parser(mask.split(": ")[1], tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)),
+                                 str(mm.get_torch_device()))
+        upscaler = pipeline.lanczos if upscale_model is None else _model_upscaler(upscale_model)
+        out, paste_mask = pipeline.paste(image, restored_faces, faces, feather, color_correction, blend,
+                                         upscale, upscaler, parser, _progress_callback(image.shape[0]))
+        return io.NodeOutput(out, paste_mask)
+
+
+def _model_upscaler(upscale_model) -> pipeline.Upscaler:
+    """Background enlargement through ComfyUI's own upscale node (its tiling and OOM handling),
+    then Lanczos to the exact size asked for."""
+    from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
+
+    def run(frame, width: int, height: int):
+        enlarged = ImageUpscaleWithModel.execute(upscale_model, im.frame_to_image(frame)).args[0]
+        return pipeline.lanczos(im.frame_rgb(enlarged, 0), width, height)
+    return run
 
 
 class GPENExtension(ComfyExtension):

@@ -67,6 +67,6 @@ def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.
     if scale < 0.5:
         sigma = 0.5 / scale
         source = cv2.GaussianBlur(frame, (0, 0), sigmaX=sigma, sigmaY=sigma)
-    crop = cv2.warpAffine(source, affine, (size, size), flags=cv2.INTER_LINEAR,
+    crop = cv2.warpAffine(source, affine, (size, size), flags=cv2.INTER_LANCZOS4,
                           borderMode=cv2.BORDER_REFLECT_101)
     return crop, affine

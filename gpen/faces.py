@@ -40,6 +40,7 @@ class Face:
     score: float
     landmarks: np.ndarray
     affine: np.ndarray | None = None
+    track_id: int = -1  # the same person across the frames of a batch
 
     @property
     def area(self) -> float:

@@ -28,6 +28,11 @@ def frame_rgb(image: torch.Tensor, index: int) -> np.ndarray:
     return np.ascontiguousarray(np.clip(frame, 0.0, 1.0), dtype=np.float32)
 
 
+def frame_to_image(frame: np.ndarray) -> torch.Tensor:
+    """One float32 RGB frame as a single-image IMAGE batch."""
+    return torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))[None]
+
+
 def to_uint8(frame: np.ndarray) -> np.ndarray:
     """8-bit copy of a 0..1 frame, as detectors expect."""
     return (np.clip(frame, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -45,6 +50,18 @@ def with_rgb(image: torch.Tensor, index: int, rgb: np.ndarray) -> torch.Tensor:
     if channels == 4:
         return torch.cat([new, original[..., 3:]], dim=-1)
     return new
+
+
+def with_rgb_resized(image: torch.Tensor, index: int, rgb: np.ndarray) -> torch.Tensor:
+    """Like ``with_rgb`` for a frame that was enlarged: alpha is enlarged to match (bilinear)."""
+    height, width = rgb.shape[:2]
+    original = image[index:index + 1].detach().to("cpu", torch.float32)
+    if original.shape[-1] != 4:
+        return with_rgb(torch.nn.functional.interpolate(original.movedim(-1, 1), size=(height, width),
+                                                        mode="bilinear").movedim(1, -1), 0, rgb)
+    alpha = torch.nn.functional.interpolate(original[..., 3:].movedim(-1, 1), size=(height, width),
+                                            mode="bilinear").movedim(1, -1)[0]
+    return torch.cat([torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)), alpha], dim=-1)
 
 
 def crops_to_tensor(crops: list[np.ndarray], size: int) -> torch.Tensor:

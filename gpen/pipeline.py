@@ -9,22 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 
 from . import image as im
 from .align import align_face
 from .faces import Detector, FaceSet, detect_frame, select_faces
-from .paste import paste_faces
+from .parsing import FaceParser
+from .paste import face_mask, match_colour, paste_faces
+from .temporal import smooth_landmarks, track
 
 BatchCallback = Callable[[int, int], None]
+Upscaler = Callable[[np.ndarray, int, int], np.ndarray]
 
 
 def detect(image: torch.Tensor, detector: Detector, threshold: float = 0.9,
            order: str = "largest first", max_faces: int = 0, min_size: float = 0.0,
-           indices: Sequence[int] = (), detector_name: str = "",
+           indices: Sequence[int] = (), detector_name: str = "", smoothing: float = 0.0,
            on_frame: BatchCallback | None = None) -> FaceSet:
-    """Detect and select faces in every frame of an IMAGE batch."""
+    """Detect and select faces in every frame of an IMAGE batch, give each person a track id
+    across frames, and smooth their landmarks over time by ``smoothing`` (0..1)."""
     im.check_image(image)
     frames = []
     for index in range(image.shape[0]):
@@ -33,6 +38,7 @@ def detect(image: torch.Tensor, detector: Detector, threshold: float = 0.9,
         frames.append(select_faces(found, order, max_faces, min_size, indices))
         if on_frame:
             on_frame(index + 1, image.shape[0])
+    frames = smooth_landmarks(track(frames), smoothing)
     return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=detector_name)
 
 
@@ -94,9 +100,20 @@ def restore(model: torch.nn.Module, crops: torch.Tensor, strength: float = 1.0, 
     return out
 
 
-def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet,
-          feather: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste restored crops onto their frames; returns (IMAGE, MASK). Faceless frames pass through."""
+def lanczos(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.clip(cv2.resize(frame, (width, height), interpolation=cv2.INTER_LANCZOS4), 0, 1)
+
+
+def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet, feather: float = 0.15,
+          colour: bool = True, blend: str = "multiband", upscale: float = 1.0,
+          upscaler: Upscaler = lanczos, parser: FaceParser | None = None,
+          on_frame: BatchCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste restored crops onto their frames; returns (IMAGE, MASK).
+
+    ``upscale`` enlarges the background with ``upscaler`` and pastes the faces at the
+    restored resolution. Frames without faces pass through unchanged (only resized when
+    upscaling). ``parser`` swaps the face ellipse for a face-parsing mask.
+    """
     im.check_image(image)
     im.check_image(crops, "restored faces")
     check_faces_match(image, faces, "Paste Back")
@@ -108,21 +125,42 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet,
                          "GPEN Restore 2048, not of Detect Faces.")
     if crops.shape[1] != crops.shape[2]:
         raise ValueError(f"Paste Back: restored faces must be square; got {crops.shape[2]}x{crops.shape[1]}.")
+    if not 1.0 <= upscale <= 4.0:
+        raise ValueError(f"Paste Back: upscale must be between 1 and 4; got {upscale}.")
+    height, width = image.shape[1], image.shape[2]
+    out_h, out_w = round(height * upscale), round(width * upscale)
+    size = crops.shape[1]
     # Crops may have been resized by other nodes since alignment: rescale the transforms to match.
-    rescale = crops.shape[1] / faces.crop_size if faces.count else 1.0
+    rescale = size / faces.crop_size if faces.count else 1.0
+    ellipse = face_mask(size, feather)
     images, masks = [], []
     flat = faces.flat()
     for index in range(image.shape[0]):
         members = [(k, face) for k, (i, face) in enumerate(flat) if i == index]
-        height, width = image.shape[1], image.shape[2]
-        if not members:
+        if not members and upscale == 1.0:
             images.append(image[index].detach().to("cpu", torch.float32))
             masks.append(torch.zeros((height, width), dtype=torch.float32))
-            continue
-        frame = im.frame_rgb(image, index)
-        face_crops = [crops[k, ..., :3].detach().to("cpu", torch.float32).numpy() for k, _ in members]
-        affines = [face.affine * rescale for _, face in members]
-        out, mask = paste_faces(frame, face_crops, affines, feather)
-        images.append(im.with_rgb(image, index, out))
-        masks.append(torch.from_numpy(mask))
+        else:
+            frame = im.frame_rgb(image, index)
+            background = frame if upscale == 1.0 else upscaler(frame, out_w, out_h)
+            face_crops, affines, face_masks = [], [], []
+            for k, face in members:
+                affine = face.affine * rescale
+                crop = np.clip(crops[k, ..., :3].detach().to("cpu", torch.float32).numpy(), 0, 1)
+                mask = parser.mask(crop, feather) if parser else ellipse
+                if colour:
+                    original = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_LINEAR,
+                                              borderMode=cv2.BORDER_REFLECT_101)
+                    crop = match_colour(crop, original, mask)
+                # Background pixels are ``upscale`` times smaller: image->crop shrinks by as much.
+                affine = np.hstack([affine[:, :2] / upscale, affine[:, 2:]])
+                face_crops.append(crop)
+                affines.append(affine)
+                face_masks.append(mask)
+            result, mask = paste_faces(background, face_crops, affines, face_masks, blend)
+            images.append(im.with_rgb(image, index, result) if upscale == 1.0
+                          else im.with_rgb_resized(image, index, result))
+            masks.append(torch.from_numpy(mask))
+        if on_frame:
+            on_frame(index + 1, image.shape[0])
     return torch.stack(images), torch.stack(masks)

@@ -98,17 +98,20 @@ def test_restore_workflow_changes_only_the_face(served, astronaut):
     out = saved(served, entry, "6")
     mask = saved(served, entry, "8")[..., 0]
     assert out.shape == astronaut.shape
-    changed = np.abs(out.astype(int) - astronaut.astype(int)).max(-1) > 0
+    diff = np.abs(out.astype(int) - astronaut.astype(int)).max(-1)
+    changed = diff > 2  # visibly changed; the multiband blend leaves faint traces a bit wider
     assert changed.sum() > 2000  # the random-weight face really was pasted
     face = pipeline.detect(pipeline.im.crops_to_tensor([astronaut / 255.0], 512).float(),
                            load_detector("mtcnn"), 0.9).frames[0][0]
     x0, y0, x1, y1 = face.box
-    ys, xs = np.nonzero(changed)
     pad_x, pad_y = 0.5 * (x1 - x0), 0.5 * (y1 - y0)
-    assert x0 - pad_x <= xs.min() and xs.max() <= x1 + pad_x
-    assert y0 - pad_y <= ys.min() and ys.max() <= y1 + pad_y
-    # The saved 8-bit mask rounds its faint edge to 0; there the image can differ by one level.
-    assert np.abs(out.astype(int) - astronaut.astype(int)).max(-1)[mask == 0].max() <= 1
+    for pixels in (np.nonzero(changed), np.nonzero(mask)):
+        ys, xs = pixels
+        assert x0 - pad_x <= xs.min() and xs.max() <= x1 + pad_x
+        assert y0 - pad_y <= ys.min() and ys.max() <= y1 + pad_y
+    far = np.ones_like(changed)
+    far[int(y0 - pad_y):int(y1 + pad_y), int(x0 - pad_x):int(x1 + pad_x)] = False
+    assert diff[far].max() <= 1  # elsewhere at most one 8-bit level (the blend's widest band)
 
 
 def test_image_without_faces_is_saved_unchanged(served):
