@@ -189,8 +189,9 @@ class PasteBack(io.ComfyNode):
             display_name="Paste Back",
             category=CATEGORY,
             description="Warps each restored face back into its frame through a soft face-shaped "
-                        "mask and composites all faces of a frame in one pass. Frames without faces "
-                        "pass through unchanged. Also outputs the paste mask.",
+                        "(or face-parsing) mask, matches its colour to the original, and blends all "
+                        "faces of a frame in one seam-free pass, optionally onto an upscaled image. "
+                        "Frames without faces pass through unchanged. Also outputs the paste mask.",
             inputs=[
                 io.Image.Input("image", tooltip="The original image batch the faces were found in."),
                 io.Image.Input("restored_faces", tooltip="restored_faces from GPEN Restore 2048 "

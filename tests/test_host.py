@@ -229,3 +229,25 @@ def test_model_files_are_never_written(served):
     error_of(served.run(restore_graph("astronaut.png", model="evil.pth")))
     after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
     assert after == before
+
+
+def test_upscaled_paste_with_comfy_upscale_model(served, astronaut):
+    """Paste Back at 2x with a background model from ComfyUI's own Load Upscale Model node."""
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+
+    folder = served.base / "models" / "upscale_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).state_dict(), folder / "tiny_x2.pth")
+    graph = restore_graph("astronaut.png", model="GPEN-tiny-64.pth", prefix="up2")
+    graph["9"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny_x2.pth"}}
+    graph["5"]["inputs"].update({"upscale": 2.0, "upscale_model": ["9", 0]})
+    entry = served.run(graph)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    out = saved(served, entry, "6")
+    assert out.shape == (1024, 1024, 3) and saved(served, entry, "8").shape == (1024, 1024, 3)
+    graph["5"]["inputs"].pop("upscale_model")
+    graph["6"]["inputs"]["filename_prefix"] = "up2_lanczos"
+    lanczos = saved(served, served.run(graph), "6")
+    assert lanczos.shape == (1024, 1024, 3)
+    assert np.abs(lanczos.astype(int) - out.astype(int)).mean() > 5  # the model really drew the background
