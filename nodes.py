@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -31,6 +32,14 @@ MASKS = ("face ellipse", *(f"parsing: {name}" for name in PARSERS))
 
 GPENModel = io.Custom("GPEN_MODEL")
 Faces = io.Custom("FACES")
+SEARCH_ALIASES = ["gpen", "face restore", "face enhance", "face restoration"]
+
+
+def _schema(**fields) -> io.Schema:
+    """io.Schema plus search aliases on ComfyUI versions whose schema has them (newer than 0.3.75)."""
+    if "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}:
+        fields["search_aliases"] = SEARCH_ALIASES
+    return io.Schema(category=CATEGORY, **fields)
 
 
 def _register_folders() -> None:
@@ -58,10 +67,9 @@ def _progress_callback(total: int):
 class LoadGPENModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="GPENModelLoader",
             display_name="Load GPEN Model",
-            category=CATEGORY,
             description="Loads a GPEN-BFR face restoration checkpoint (512, 1024 or 2048; .pth or "
                         ".safetensors) from models/facerestore_models or models/gpen. The size and "
                         "architecture are read from the weights; pickles are loaded weights-only.",
@@ -96,10 +104,9 @@ class LoadGPENModel(io.ComfyNode):
 class DetectFaces(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="GPENDetectFaces",
             display_name="Detect Faces",
-            category=CATEGORY,
             description="Finds faces and their five landmarks in every frame of an image batch and "
                         "selects which ones to restore. mtcnn needs no download; RetinaFace reads "
                         "its weights from models/facedetection.",
@@ -145,10 +152,9 @@ class DetectFaces(io.ComfyNode):
 class GPENRestore(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="GPENRestore",
             display_name="GPEN Restore 2048",
-            category=CATEGORY,
             description="Aligns each selected face to GPEN's five-point template at the model's own "
                         "size (cut from the full-resolution source) and restores them in batches. "
                         "Outputs the restored face crops and the faces with their alignment.",
@@ -184,10 +190,9 @@ class GPENRestore(io.ComfyNode):
 class PasteBack(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="GPENPasteBack",
             display_name="Paste Back",
-            category=CATEGORY,
             description="Warps each restored face back into its frame through a soft face-shaped "
                         "(or face-parsing) mask, matches its colour to the original, and blends all "
                         "faces of a frame in one seam-free pass, optionally onto an upscaled image. "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -79,7 +82,7 @@ class ComfyHost:
         self.log = open(base / "server.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--database-url", "sqlite:///:memory:"],
+             "--base-directory", str(base), "--database-url", f"sqlite:///{base}/user/comfyui.db"],
             cwd=COMFY_DIR, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -109,7 +112,9 @@ class ComfyHost:
         """Queue a graph and wait for its history entry (status + outputs)."""
         status, body = self.post_prompt(graph)
         assert status == 200, body
-        prompt_id = body["prompt_id"]
+        return self.wait(body["prompt_id"], timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
             history = self.get(f"/history/{prompt_id}")
@@ -135,3 +140,34 @@ def host(tmp_path_factory) -> ComfyHost:
     server = ComfyHost(tmp_path_factory.mktemp("comfy"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def served(host, gpen512_file, astronaut):
+    """The host with a random-weight GPEN-BFR-512 and two input pictures."""
+    shutil.copy(gpen512_file, host.base / "models" / "facerestore_models" / "GPEN-BFR-512.pth")
+    cv2.imwrite(str(host.base / "input" / "astronaut.png"), astronaut[..., ::-1])
+    ramp = np.tile(np.linspace(30, 220, 320, dtype=np.uint8)[None, :, None], (240, 1, 3))
+    cv2.imwrite(str(host.base / "input" / "no_face.png"), ramp)
+    models = host.base / "models" / "facerestore_models"
+    (models / "evil.pth").write_bytes(_evil_pickle(host.base / "pwned"))
+    (models / "empty.pth").write_bytes(b"")
+    (models / "noise.pth").write_bytes(np.random.default_rng(0).bytes(5000))
+    (models / "GPEN-BFR-512.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    torch.save({"conv_body_first.weight": torch.zeros(1)}, models / "GFPGANv1.4.pth")
+    from gpen import FullGenerator, GPENConfig
+
+    torch.manual_seed(0)
+    tiny = FullGenerator(GPENConfig(size=64, style_dim=32, n_mlp=2, narrow=1 / 16))
+    torch.save(tiny.state_dict(), models / "GPEN-tiny-64.pth")
+    return host
+
+
+def _evil_pickle(marker) -> bytes:
+    """A checkpoint whose unpickling would run ``touch marker``."""
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    buffer = io.BytesIO()
+    torch.save({"x": Exploit()}, buffer)
+    return buffer.getvalue()

@@ -1,6 +1,5 @@
 """The pack in a real ComfyUI 0.3.75 server: registration, workflows over /prompt, errors."""
 
-import shutil
 import threading
 
 import cv2
@@ -9,44 +8,11 @@ import psutil
 import pytest
 import torch
 
-from gpen import FullGenerator, GPENConfig, pipeline
+from gpen import pipeline
 from gpen.faces import load_detector
 
 NODES = {"GPENModelLoader": "Load GPEN Model", "GPENDetectFaces": "Detect Faces",
          "GPENRestore": "GPEN Restore 2048", "GPENPasteBack": "Paste Back"}
-
-
-@pytest.fixture(scope="module")
-def served(host, gpen512_file, astronaut):
-    """The host with a random-weight GPEN-BFR-512 and two input pictures."""
-    shutil.copy(gpen512_file, host.base / "models" / "facerestore_models" / "GPEN-BFR-512.pth")
-    cv2.imwrite(str(host.base / "input" / "astronaut.png"), astronaut[..., ::-1])
-    ramp = np.tile(np.linspace(30, 220, 320, dtype=np.uint8)[None, :, None], (240, 1, 3))
-    cv2.imwrite(str(host.base / "input" / "no_face.png"), ramp)
-    models = host.base / "models" / "facerestore_models"
-    (models / "evil.pth").write_bytes(_evil_pickle(host.base / "pwned"))
-    (models / "empty.pth").write_bytes(b"")
-    (models / "noise.pth").write_bytes(np.random.default_rng(0).bytes(5000))
-    (models / "GPEN-BFR-512.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
-    torch.save({"conv_body_first.weight": torch.zeros(1)}, models / "GFPGANv1.4.pth")
-    torch.manual_seed(0)
-    tiny = FullGenerator(GPENConfig(size=64, style_dim=32, n_mlp=2, narrow=1 / 16))
-    torch.save(tiny.state_dict(), models / "GPEN-tiny-64.pth")
-    return host
-
-
-def _evil_pickle(marker) -> bytes:
-    import io
-    import os
-
-    import torch
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-    buffer = io.BytesIO()
-    torch.save({"x": Exploit()}, buffer)
-    return buffer.getvalue()
 
 
 def restore_graph(image: str, model: str = "GPEN-BFR-512.pth", detector: str = "mtcnn",

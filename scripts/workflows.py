@@ -1,0 +1,168 @@
+"""The shipped workflows, as API graphs, and their export to UI format through the real UI.
+
+    python scripts/workflows.py      # rewrite workflows/*.json (starts ComfyUI + Chromium)
+
+Each graph is loaded by ComfyUI's own frontend (``app.loadApiJson``), laid out, given a note
+and saved with ``app.graph.serialize()``: exactly what the UI's Save writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = "astronaut.png"
+
+
+def detect(image: list, **change) -> dict:
+    inputs = {"image": image, "detector": "mtcnn", "threshold": 0.9, "max_faces": 0,
+              "order": "largest first", "min_size": 0, "indices": "", "smoothing": 0.0}
+    return {"class_type": "GPENDetectFaces", "inputs": {**inputs, **change}}
+
+
+def loader(name: str) -> dict:
+    return {"class_type": "GPENModelLoader", "inputs": {"model_name": name, "precision": "auto"}}
+
+
+def restore(model: list, image: list, faces: list, strength: float = 1.0) -> dict:
+    return {"class_type": "GPENRestore", "inputs": {"gpen_model": model, "image": image, "faces": faces,
+                                                    "strength": strength, "batch_size": 4}}
+
+
+def paste(image: list, restored: list, faces: list) -> dict:
+    return {"class_type": "GPENPasteBack", "inputs": {
+        "image": image, "restored_faces": restored, "faces": faces, "feather": 0.15,
+        "color_correction": True, "blend": "multiband", "upscale": 1.0, "mask": "face ellipse"}}
+
+
+def load(name: str = IMAGE) -> dict:
+    return {"class_type": "LoadImage", "inputs": {"image": name}}
+
+
+def save(images: list, prefix: str) -> dict:
+    return {"class_type": "SaveImage", "inputs": {"images": images, "filename_prefix": prefix}}
+
+
+WORKFLOWS: dict[str, tuple[dict, str]] = {
+    "restore_photo": ({
+        "1": load(),
+        "2": loader("GPEN-BFR-512.pth"),
+        "3": detect(["1", 0]),
+        "4": restore(["2", 0], ["1", 0], ["3", 0]),
+        "5": paste(["1", 0], ["4", 0], ["4", 1]),
+        "6": save(["5", 0], "gpen_restored"),
+        "7": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 1]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }, "Restore the faces in a photo with GPEN.\n\n"
+       "1. Put GPEN-BFR-512.pth (or the 1024 / 2048 model) in models/facerestore_models and pick it "
+       "in Load GPEN Model.\n2. Load your photo. Detect Faces uses mtcnn (no download); "
+       "retinaface_resnet50 needs detection_Resnet50_Final.pth in models/facedetection.\n"
+       "3. Paste Back writes the restored faces into the photo; the preview shows the paste mask.\n\n"
+       "Lower strength on GPEN Restore 2048 to keep more of the original (the authors use 0.8 at "
+       "2048); set upscale on Paste Back to keep the detail of a 1024/2048 model."),
+    "sd_postprocess": ({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo portrait of a smiling woman, natural light"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry, deformed"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 0, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": loader("GPEN-BFR-512.pth"),
+        "8": detect(["6", 0]),
+        "9": restore(["7", 0], ["6", 0], ["8", 0]),
+        "10": paste(["6", 0], ["9", 0], ["9", 1]),
+        "11": save(["10", 0], "sd_gpen"),
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }, "Clean up the faces of a Stable Diffusion image.\n\n"
+       "The four GPEN nodes sit between VAE Decode and Save Image; the preview shows the image before "
+       "restoration. Pick your own checkpoint in Load Checkpoint and GPEN-BFR-512.pth (or 1024/2048) "
+       "in Load GPEN Model."),
+    "faceswap_postprocess": ({
+        "1": load(),
+        "2": load(),
+        "3": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
+        "4": loader("GPEN-BFR-512.pth"),
+        "5": detect(["3", 0], max_faces=1, smoothing=0.8),
+        "6": restore(["4", 0], ["3", 0], ["5", 0], strength=0.8),
+        "7": paste(["3", 0], ["6", 0], ["6", 1]),
+        "8": save(["7", 0], "swap_gpen"),
+    }, "Restore face-swapped video frames.\n\n"
+       "Feed the swapped frames as one image batch (here two Load Image nodes joined by Batch "
+       "Images; in practice the face-swap node's output or a video loader). Detect Faces keeps only "
+       "the largest face (max_faces 1) and smooths its landmarks over the frames (smoothing 0.8) "
+       "so the restored face does not flicker. Strength 0.8 keeps some of the swap's own texture."),
+    "compare": ({
+        "1": load(),
+        "2": detect(["1", 0]),
+        "3": loader("GPEN-BFR-512.pth"),
+        "4": loader("GPEN-BFR-1024.pth"),
+        "5": loader("GPEN-BFR-2048.pth"),
+        "6": restore(["3", 0], ["1", 0], ["2", 0]),
+        "7": restore(["4", 0], ["1", 0], ["2", 0]),
+        "8": restore(["5", 0], ["1", 0], ["2", 0]),
+        "9": paste(["1", 0], ["6", 0], ["6", 1]),
+        "10": paste(["1", 0], ["7", 0], ["7", 1]),
+        "11": paste(["1", 0], ["8", 0], ["8", 1]),
+        "12": {"class_type": "ImageStitch", "inputs": {"image1": ["1", 0], "image2": ["9", 0], "direction": "right",
+                                                      "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}},
+        "13": {"class_type": "ImageStitch", "inputs": {"image1": ["12", 0], "image2": ["10", 0], "direction": "right",
+                                                      "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}},
+        "14": {"class_type": "ImageStitch", "inputs": {"image1": ["13", 0], "image2": ["11", 0], "direction": "right",
+                                                      "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}},
+        "15": save(["14", 0], "gpen_compare"),
+    }, "Before / after with the 512, 1024 and 2048 models, side by side: original | 512 | 1024 | 2048.\n\n"
+       "Faces are detected once and restored by each model at its own size. Needs GPEN-BFR-512.pth, "
+       "GPEN-BFR-1024.pth and GPEN-BFR-2048.pth in models/facerestore_models."),
+}
+
+EXPORT_JS = """async ([api, name, text]) => {
+    await window.app.loadApiJson(api, name);
+    const graph = window.app.graph;
+    const order = {LoadImage: 0, CheckpointLoaderSimple: 0, CLIPTextEncode: 1, EmptyLatentImage: 1,
+                   KSampler: 2, VAEDecode: 3, ImageBatch: 1, GPENModelLoader: 1, GPENDetectFaces: 2,
+                   GPENRestore: 3, GPENPasteBack: 4, MaskToImage: 5, ImageStitch: 5, SaveImage: 6,
+                   PreviewImage: 6};
+    const rows = {};
+    const shift = graph._nodes.some(n => n.type === "KSampler") ? 3 : 0;
+    for (const node of [...graph._nodes].sort((a, b) => a.id - b.id)) {
+        let col = order[node.type] ?? 0;
+        if (node.type.startsWith("GPEN")) col += shift;
+        if (["SaveImage", "PreviewImage", "MaskToImage", "ImageStitch"].includes(node.type)) col += shift;
+        rows[col] = rows[col] ?? 60;
+        node.pos = [40 + col * 430, rows[col]];
+        rows[col] += (node.type === "LoadImage" ? Math.max(node.size[1], 380) : node.size[1]) + 60;
+    }
+    const note = LiteGraph.createNode("Note");
+    note.pos = [40, Math.max(...Object.values(rows)) + 20];
+    note.size = [560, 220];
+    note.widgets[0].value = text;
+    graph.add(note);
+    return JSON.parse(JSON.stringify(graph.serialize()));  // as Save writes it: no undefined fields
+}"""
+
+
+def export(page, name: str) -> dict:
+    graph, note = WORKFLOWS[name]
+    return page.evaluate(EXPORT_JS, [graph, name, note])
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from uihost import browser_page
+    from conftest import ComfyHost
+
+    server = ComfyHost(Path(tempfile.mkdtemp()))
+    try:
+        with browser_page(server.url) as page:
+            for workflow in WORKFLOWS:
+                data = export(page, workflow)
+                (REPO / "workflows" / f"{workflow}.json").write_text(json.dumps(data, indent=1) + "\n")
+                print(f"workflows/{workflow}.json: {len(data['nodes'])} nodes")
+    finally:
+        server.stop()
