@@ -58,7 +58,7 @@ def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.
     """Cut the face at ``size`` from a float32 RGB frame; returns (crop, image->crop affine).
 
     When the crop is smaller than the face in the frame, the frame is low-passed first so the
-    bilinear warp does not alias; borders are mirrored so faces at the frame edge still look
+    warp does not alias; borders are mirrored so faces at the frame edge still look
     like faces to the model (paste-back only writes inside the frame).
     """
     affine = similarity_transform(landmarks, template(size))
@@ -69,4 +69,4 @@ def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.
         source = cv2.GaussianBlur(frame, (0, 0), sigmaX=sigma, sigmaY=sigma)
     crop = cv2.warpAffine(source, affine, (size, size), flags=cv2.INTER_LANCZOS4,
                           borderMode=cv2.BORDER_REFLECT_101)
-    return crop, affine
+    return np.clip(crop, 0.0, 1.0, out=crop), affine  # Lanczos rings past 0..1 at hard edges

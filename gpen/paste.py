@@ -127,7 +127,7 @@ def paste_faces(frame: np.ndarray, crops: list[np.ndarray], affines: list[np.nda
     coverage = coverage_full[by0:by1, bx0:bx1]  # a view: 1 - prod(1 - m), the union of soft masks
     for crop, affine, mask, region in placed:
         soft = warp_back(np.ascontiguousarray(mask, np.float32), affine, region)
-        face = warp_back(np.ascontiguousarray(crop, np.float32), affine, region, cv2.INTER_LANCZOS4)
+        face = np.clip(warp_back(np.ascontiguousarray(crop, np.float32), affine, region, cv2.INTER_LANCZOS4), 0, 1)
         x0, y0, x1, y1 = region[0] - bx0, region[1] - by0, region[2] - bx0, region[3] - by0
         colour_sum[y0:y1, x0:x1] += face * soft[..., None]
         weight_sum[y0:y1, x0:x1] += soft
