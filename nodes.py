@@ -95,7 +95,7 @@ class LoadGPENModel(io.ComfyNode):
             raise ValueError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
         load_device = mm.get_torch_device()
         dtype = PRECISIONS[precision] or (torch.float16 if load_device.type == "cuda" else torch.float32)
-        model = load_generator(path, device="cpu", dtype=dtype)
+        model = load_generator(path, device="cpu", dtype=dtype).to_channels_last()
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device,
                                                    offload_device=mm.unet_offload_device())
         return io.NodeOutput(patcher)
@@ -179,10 +179,12 @@ class GPENRestore(io.ComfyNode):
         model = gpen_model.model
         crops, aligned = pipeline.align(image, faces, model.size)
         if aligned.count:
-            per_face = crops[0].numel() * 4 * 48  # activations of one face, generously
-            mm.load_models_gpu([gpen_model], memory_required=per_face * batch_size)
             dtype = next(model.parameters()).dtype
-            crops = pipeline.restore(model, crops, strength, batch_size, gpen_model.load_device,
+            per_face = pipeline.activation_bytes(model.size, dtype)
+            device = gpen_model.load_device
+            mm.load_models_gpu([gpen_model], memory_required=per_face * batch_size)
+            fits = int(mm.get_free_memory(device) * 0.8 // per_face)
+            crops = pipeline.restore(model, crops, strength, max(1, min(batch_size, fits)), device,
                                      dtype, on_batch=_progress_callback(aligned.count))
         return io.NodeOutput(crops, aligned)
 

@@ -50,7 +50,7 @@ def restore(model_path: str, source: str, target: str, detector: str, model_dir:
     image = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)[None]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    model = load_generator(model_path, device=device, dtype=dtype)
+    model = load_generator(model_path, device=device, dtype=dtype).to_channels_last()
     found = load_detector(detector, (model_dir,) if model_dir else (), device)
     faces = pipeline.detect(image, found, detector_name=detector)
     crops, aligned = pipeline.align(image, faces, model.size)

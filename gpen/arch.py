@@ -294,6 +294,13 @@ class FullGenerator(nn.Module):
     def size(self) -> int:
         return self.config.size
 
+    def to_channels_last(self) -> FullGenerator:
+        """NHWC layout for the 4-D weights (Tensor Core friendly); inputs should follow."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.dim() == 4:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+        return self
+
     def encoders(self) -> list[nn.Module]:
         return [getattr(self, f"ecd{i}") for i in range(self.config.log_size - 1)]
 

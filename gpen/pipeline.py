@@ -71,6 +71,12 @@ def align(image: torch.Tensor, faces: FaceSet, size: int) -> tuple[torch.Tensor,
     return im.crops_to_tensor(crops, size), faces.with_alignment(affines, size)
 
 
+def activation_bytes(size: int, dtype: torch.dtype) -> int:
+    """Rough peak activation memory of one face: the full-resolution layers dominate (about 100
+    feature planes of S x S live at once, counting the concatenated encoder features)."""
+    return size * size * 100 * torch.finfo(dtype).bits // 8
+
+
 def restore(model: torch.nn.Module, crops: torch.Tensor, strength: float = 1.0, batch_size: int = 4,
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             on_batch: BatchCallback | None = None) -> torch.Tensor:
@@ -86,7 +92,9 @@ def restore(model: torch.nn.Module, crops: torch.Tensor, strength: float = 1.0, 
         chunk = crops[start:start + batch_size]
         try:
             with torch.inference_mode():
-                x = im.crops_to_model(chunk).to(device=device, dtype=dtype)
+                # NHWC: 1.3x faster on CPU for one 512 face (python -m gpen.bench), same result.
+                x = im.crops_to_model(chunk).to(device=device, dtype=dtype).contiguous(
+                    memory_format=torch.channels_last)
                 restored = im.model_to_crops(model(x)).to("cpu")
         except torch.OutOfMemoryError:
             if batch_size == 1:

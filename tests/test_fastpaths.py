@@ -1,0 +1,49 @@
+"""Fast paths (channels_last, fp16, bf16) against fp32, and the benchmark script itself."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REFERENCE
+from gpen import load_generator
+from gpen.bench import main as bench_main
+from gpen.bench import psnr
+
+
+@pytest.fixture(scope="module")
+def golden():
+    tensors = load_file(REFERENCE / "golden_a.safetensors")
+    state_dict = {k[3:]: v for k, v in tensors.items() if k.startswith("sd.")}
+    return state_dict, tensors["input"], tensors["output"]
+
+
+def test_channels_last_matches(golden):
+    state_dict, x, expected = golden
+    model = load_generator(state_dict).to_channels_last()
+    with torch.inference_mode():
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    assert (out - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float16, 45.0), (torch.bfloat16, 35.0)])
+def test_half_precision_is_close_to_the_official_fp32_output(golden, dtype, bound):
+    """No overflow in demodulation or the mapping network: the output stays finite and close."""
+    state_dict, x, expected = golden
+    model = load_generator(state_dict, dtype=dtype)
+    with torch.inference_mode():
+        out = model(x.to(dtype)).float()
+    assert torch.isfinite(out).all()
+    value = psnr(out, expected)
+    print(f"{dtype}: PSNR {value:.1f} dB, max abs {(out - expected).abs().max().item():.3g}")
+    assert value >= bound
+
+
+def test_benchmark_script_reports_every_path(capsys):
+    rows = bench_main(["--sizes", "32", "--batches", "1", "2", "--repeats", "1"])
+    assert {(r["batch"], r["path"]) for r in rows} == {
+        (b, p) for b in (1, 2) for p in ("fp32 eager", "fp32 channels_last")}
+    for row in rows:
+        assert row["ms_per_face"] > 0 and row["peak_mib"] > 0 and row["psnr"] > 60
+    assert "vs fp32" in capsys.readouterr().out
