@@ -106,7 +106,6 @@ def bench(sizes: list[int], batches: list[int], device: torch.device, paths: lis
                     "max_abs": (out - baseline_out).abs().max().item(), "psnr": psnr(out, baseline_out),
                 })
                 print(format_row(rows[-1]), flush=True)
-                del model, forward, inp
     return rows
 
 

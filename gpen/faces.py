@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -56,7 +56,6 @@ class FaceSet:
     frames: list[list[Face]]
     crop_size: int | None = None  # set once faces are aligned for a model
     detector: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def count(self) -> int:

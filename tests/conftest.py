@@ -55,6 +55,23 @@ def astronaut() -> np.ndarray:
     return skimage.data.astronaut()
 
 
+def as_image(rgb: np.ndarray) -> torch.Tensor:
+    """An HxWx3 uint8 picture as a one-frame ComfyUI IMAGE."""
+    return torch.from_numpy(np.ascontiguousarray(rgb).astype(np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="session")
+def astro(astronaut) -> torch.Tensor:
+    return as_image(astronaut)
+
+
+@pytest.fixture(scope="session")
+def mtcnn():
+    from gpen.faces import load_detector
+
+    return load_detector("mtcnn")
+
+
 @pytest.fixture(scope="session")
 def gpen512_file(tmp_path_factory, manifests) -> Path:
     path = tmp_path_factory.mktemp("weights") / "GPEN-BFR-512.pth"

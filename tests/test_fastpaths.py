@@ -1,7 +1,5 @@
 """Fast paths (channels_last, fp16, bf16) against fp32, and the benchmark script itself."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file

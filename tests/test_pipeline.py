@@ -7,21 +7,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from gpen import pipeline
 from gpen.align import similarity_transform, template
-from gpen.faces import FaceSet, load_detector, parse_indices, select_faces, Face
-
-
-def as_image(rgb_uint8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb_uint8.astype(np.float32) / 255.0)[None]
-
-
-@pytest.fixture(scope="module")
-def mtcnn():
-    return load_detector("mtcnn")
-
-
-@pytest.fixture(scope="module")
-def astro(astronaut):
-    return as_image(astronaut)
+from gpen.faces import FaceSet, parse_indices, select_faces, Face
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
+from conftest import as_image
 from gpen import pipeline
-from gpen.faces import DetectorError, Face, load_detector
+from gpen.faces import DetectorError, Face
 from gpen.parsing import load_parser, parser_path
 from gpen.temporal import OneEuroFilter, assign_tracks, filter_settings, smooth_landmarks, track
 
@@ -17,22 +18,8 @@ TEMPLATES = Path(__import__("comfyui_workflow_templates_media_image").__file__).
 OTHER = Path(__import__("comfyui_workflow_templates_media_other").__file__).parent / "templates"
 
 
-def as_image(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb).astype(np.float32) / 255.0)[None]
-
-
 def psnr(a, b) -> float:
     return peak_signal_noise_ratio(np.asarray(a), np.asarray(b), data_range=1.0)
-
-
-@pytest.fixture(scope="module")
-def mtcnn():
-    return load_detector("mtcnn")
-
-
-@pytest.fixture(scope="module")
-def astro(astronaut):
-    return as_image(astronaut)
 
 
 @pytest.fixture(scope="module")

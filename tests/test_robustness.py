@@ -1,22 +1,11 @@
 """Odd images and bad detector files: a correct result or a clear error, never a crash."""
 
-import numpy as np
 import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from gpen import FullGenerator, GPENConfig, pipeline
 from gpen.faces import DetectorError, load_detector, retinaface_path
-
-
-@pytest.fixture(scope="module")
-def mtcnn():
-    return load_detector("mtcnn")
-
-
-@pytest.fixture(scope="module")
-def astro(astronaut):
-    return torch.from_numpy(astronaut.astype(np.float32) / 255.0)[None]
 
 
 @pytest.fixture(scope="module")
