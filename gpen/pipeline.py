@@ -15,7 +15,7 @@ import torch
 
 from . import image as im
 from .align import align_face
-from .faces import Detector, FaceSet, detect_frame, select_faces
+from .faces import Detector, Face, FaceSet, detect_frame, select_faces
 from .parsing import FaceParser
 from .paste import face_mask, match_colour, paste_faces
 from .temporal import smooth_landmarks, track
@@ -142,9 +142,11 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet, feather: flo
     rescale = size / faces.crop_size if faces.count else 1.0
     ellipse = face_mask(size, feather)
     images, masks = [], []
-    flat = faces.flat()
+    by_frame: dict[int, list[tuple[int, Face]]] = {}
+    for k, (index, face) in enumerate(faces.flat()):
+        by_frame.setdefault(index, []).append((k, face))
     for index in range(image.shape[0]):
-        members = [(k, face) for k, (i, face) in enumerate(flat) if i == index]
+        members = by_frame.get(index, [])
         if not members and upscale == 1.0:
             images.append(image[index].detach().to("cpu", torch.float32))
             masks.append(torch.zeros((height, width), dtype=torch.float32))
