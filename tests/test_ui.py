@@ -96,3 +96,19 @@ def test_workflow_saved_before_new_inputs_still_runs(ui):
     status, body = host.post_prompt(result["api"])
     assert status == 200, body
     assert host.wait(body["prompt_id"], timeout=600)["status"]["status_str"] == "success"
+
+
+def test_node_search_finds_the_pack(ui):
+    """Typing 'gpen' in the UI's node search lists the four nodes first. (ComfyUI 0.3.75's
+    frontend searches names only; the aliases 'face restore' and 'face enhance' are declared for
+    hosts whose schema supports them.)"""
+    _, page = ui
+    page.keyboard.press("Escape")
+    page.mouse.dblclick(1400, 900)
+    page.wait_for_timeout(800)
+    page.keyboard.type("gpen")
+    page.wait_for_timeout(1200)
+    found = page.evaluate("() => [...document.querySelectorAll('li[role=option]')]"
+                          ".map(e => e.innerText.split('\\n')[0].trim()).filter(t => t)")
+    page.keyboard.press("Escape")
+    assert set(found[:4]) == {"Load GPEN Model", "Detect Faces", "GPEN Restore 2048", "Paste Back"}
