@@ -54,14 +54,13 @@ def affine_scale(affine: np.ndarray) -> float:
     return float(np.sqrt(abs(np.linalg.det(np.asarray(affine)[:, :2]))))
 
 
-def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the face at ``size`` from a float32 RGB frame; returns (crop, image->crop affine).
+def warp_to_crop(frame: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` crop that ``affine`` (image -> crop) cuts from a float32 RGB frame.
 
     When the crop is smaller than the face in the frame, the frame is low-passed first so the
-    warp does not alias; borders are mirrored so faces at the frame edge still look
-    like faces to the model (paste-back only writes inside the frame).
+    warp does not alias; borders are mirrored so faces at the frame edge still look like faces
+    to the model (paste-back only writes inside the frame).
     """
-    affine = similarity_transform(landmarks, template(size))
     scale = affine_scale(affine)
     source = frame
     if scale < 0.5:
@@ -69,4 +68,10 @@ def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.
         source = cv2.GaussianBlur(frame, (0, 0), sigmaX=sigma, sigmaY=sigma)
     crop = cv2.warpAffine(source, affine, (size, size), flags=cv2.INTER_LANCZOS4,
                           borderMode=cv2.BORDER_REFLECT_101)
-    return np.clip(crop, 0.0, 1.0, out=crop), affine  # Lanczos rings past 0..1 at hard edges
+    return np.clip(crop, 0.0, 1.0, out=crop)  # Lanczos rings past 0..1 at hard edges
+
+
+def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the face at ``size`` from a float32 RGB frame; returns (crop, image->crop affine)."""
+    affine = similarity_transform(landmarks, template(size))
+    return warp_to_crop(frame, affine, size), affine

@@ -103,15 +103,23 @@ def laplacian_blend(background: np.ndarray, foreground: np.ndarray, mask: np.nda
 
 
 def paste_faces(frame: np.ndarray, crops: list[np.ndarray], affines: list[np.ndarray],
-                masks: list[np.ndarray], blend: str = "multiband") -> tuple[np.ndarray, np.ndarray]:
+                masks: list[np.ndarray], blend: str = "multiband",
+                originals: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Composite ``crops`` (each with its image->crop ``affine`` and crop-space ``mask``) into a
-    float32 RGB ``frame``; returns (image, coverage mask). Work stays in the faces' region."""
+    float32 RGB ``frame``; returns (image, coverage mask). Work stays in the faces' region.
+
+    Where a face has its unrestored crop in ``originals``, only the change the restorer made
+    (restored - original) is warped back onto the frame: what the restorer left alone keeps the
+    frame's own pixels instead of a twice-resampled copy of them.
+    """
+    originals = originals or [None] * len(crops)
     if blend not in BLENDS:
         raise ValueError(f"Unknown blend '{blend}'; choose one of {', '.join(BLENDS)}.")
     height, width = frame.shape[:2]
     out = frame.astype(np.float32, copy=True)
     coverage_full = np.zeros((height, width), np.float32)
-    placed = [(crop, affine, mask, region) for crop, affine, mask in zip(crops, affines, masks)
+    placed = [(crop, affine, mask, original, region)
+              for crop, affine, mask, original in zip(crops, affines, masks, originals)
               if (region := footprint(affine, crop.shape[0], height, width)) is not None]
     if not placed:
         return out, coverage_full
@@ -125,10 +133,15 @@ def paste_faces(frame: np.ndarray, crops: list[np.ndarray], affines: list[np.nda
     colour_sum = np.zeros_like(background)
     weight_sum = np.zeros(background.shape[:2], np.float32)
     coverage = coverage_full[by0:by1, bx0:bx1]  # a view: 1 - prod(1 - m), the union of soft masks
-    for crop, affine, mask, region in placed:
+    for crop, affine, mask, original, region in placed:
         soft = warp_back(np.ascontiguousarray(mask, np.float32), affine, region)
-        face = np.clip(warp_back(np.ascontiguousarray(crop, np.float32), affine, region, cv2.INTER_LANCZOS4), 0, 1)
         x0, y0, x1, y1 = region[0] - bx0, region[1] - by0, region[2] - bx0, region[3] - by0
+        if original is None:
+            face = warp_back(np.ascontiguousarray(crop, np.float32), affine, region, cv2.INTER_LANCZOS4)
+        else:
+            change = np.ascontiguousarray(crop - original, np.float32)
+            face = background[y0:y1, x0:x1] + warp_back(change, affine, region, cv2.INTER_LANCZOS4)
+        face = np.clip(face, 0, 1)
         colour_sum[y0:y1, x0:x1] += face * soft[..., None]
         weight_sum[y0:y1, x0:x1] += soft
         coverage[y0:y1, x0:x1] = 1.0 - (1.0 - coverage[y0:y1, x0:x1]) * (1.0 - soft)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import image as im
-from .align import align_face
+from .align import affine_scale, align_face, warp_to_crop
 from .faces import Detector, Face, FaceSet, detect_frame, select_faces
 from .parsing import FaceParser
 from .paste import face_mask, match_colour, paste_faces
@@ -153,21 +153,24 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet, feather: flo
         else:
             frame = im.frame_rgb(image, index)
             background = frame if upscale == 1.0 else upscaler(frame, out_w, out_h)
-            face_crops, affines, face_masks = [], [], []
+            face_crops, affines, face_masks, originals = [], [], [], []
             for k, face in members:
                 affine = face.affine * rescale
                 crop = np.clip(crops[k, ..., :3].detach().to("cpu", torch.float32).numpy(), 0, 1)
                 mask = parser.mask(crop, feather) if parser else ellipse
+                original = warp_to_crop(frame, affine, size)
                 if colour:
-                    original = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_LINEAR,
-                                              borderMode=cv2.BORDER_REFLECT_101)
                     crop = match_colour(crop, original, mask)
+                # A crop at least as fine as the frame holds all of the frame's detail, so pasting
+                # only the restorer's change is exact where it changed nothing. A coarser crop
+                # (a face larger than the model) would let unrestored fine detail through: replace.
+                originals.append(original if affine_scale(affine) >= 1.0 else None)
                 # Background pixels are ``upscale`` times smaller: image->crop shrinks by as much.
                 affine = np.hstack([affine[:, :2] / upscale, affine[:, 2:]])
                 face_crops.append(crop)
                 affines.append(affine)
                 face_masks.append(mask)
-            result, mask = paste_faces(background, face_crops, affines, face_masks, blend)
+            result, mask = paste_faces(background, face_crops, affines, face_masks, blend, originals)
             images.append(im.with_rgb(image, index, result) if upscale == 1.0
                           else im.with_rgb_resized(image, index, result))
             masks.append(torch.from_numpy(mask))

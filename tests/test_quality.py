@@ -56,11 +56,8 @@ def test_identity_round_trip_at_1x(name, request, mtcnn):
     assert value >= 45
 
 
-# At 2x the face has been resampled twice (frame -> crop -> 2x frame) and the reference once,
-# so images with much detail near the Nyquist limit lose some dB: the sharp AI portraits of the
-# group frame reach 42-43 dB, the photo 46 dB.
-@pytest.mark.parametrize("name, bound", [("astro", 45), ("group", 42)])
-def test_identity_round_trip_at_2x(name, bound, request, mtcnn):
+@pytest.mark.parametrize("name", ["astro", "group"])
+def test_identity_round_trip_at_2x(name, request, mtcnn):
     image = request.getfixturevalue(name)
     faces, out, mask = run(image, mtcnn, upscale=2.0)
     h, w = image.shape[1:3]
@@ -68,7 +65,7 @@ def test_identity_round_trip_at_2x(name, bound, request, mtcnn):
     assert out.shape == (1, 2 * h, 2 * w, 3) and mask.shape == (1, 2 * h, 2 * w)
     value = psnr(out[0], reference)
     print(f"identity 2x {name}: PSNR {value:.1f} dB against Lanczos")
-    assert value >= bound
+    assert value >= 45
 
 
 def high_band_energy(image: np.ndarray, center: tuple[int, int], cutoff: float = 0.28) -> float:
@@ -80,6 +77,17 @@ def high_band_energy(image: np.ndarray, center: tuple[int, int], cutoff: float =
     f = np.fft.fftfreq(128)
     radius = np.hypot(*np.meshgrid(f, f))
     return float(spectrum[radius > cutoff].sum())
+
+
+def test_face_larger_than_the_crop_is_replaced_not_mixed(astro, mtcnn):
+    """A 64 px crop of a ~90 px face is coarser than the frame: the restored face replaces the
+    original there (no unrestored fine detail leaks through), it is not added as a change."""
+    faces = pipeline.detect(astro, mtcnn, 0.9)
+    crops, aligned = pipeline.align(astro, faces, 64)
+    flat = torch.full_like(crops, 0.5)
+    out, mask = pipeline.paste(astro, flat, aligned, colour=False, blend="alpha")
+    core = mask[0] > 0.999
+    assert (out[0][core] - 0.5).abs().max() < 0.02
 
 
 def test_2x_keeps_restored_detail(astro, mtcnn):
