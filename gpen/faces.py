@@ -78,27 +78,45 @@ class Detector:
         raise NotImplementedError
 
 
+def find_weights(filename: str, url: str, model_dirs: Sequence[str | Path], what: str,
+                 instead: str) -> Path:
+    """The facexlib weights file ``filename`` in ``model_dirs``, or an error saying where to put it."""
+    for folder in model_dirs:
+        candidate = Path(folder) / filename
+        if candidate.is_file():
+            return candidate
+    where = ", ".join(str(d) for d in model_dirs) or "models/facedetection"
+    raise DetectorError(f"{what} {filename} not found in {where}. Download {url}{filename} into that "
+                        f"folder, or {instead}, which needs no download.")
+
+
+def load_facexlib_net(build: Callable[[], torch.nn.Module], weights: Path, url: str, what: str,
+                      network: str) -> torch.nn.Module:
+    """Read ``weights`` (weights-only), then build the network and load them strictly; errors
+    name the file, folder and URL. The file is read first, so a bad file costs no network build."""
+    from .loader import ModelLoadError, canonicalize, read_state_dict
+
+    fix = f"Download {url}{weights.name} into {weights.parent} again."
+    try:
+        state_dict = canonicalize(read_state_dict(weights, fix), weights.name)
+    except ModelLoadError as e:
+        raise DetectorError(f"{what} {weights} are unusable: {e}") from None
+    net = build()
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise DetectorError(f"{weights.name} in {weights.parent} is not {network} "
+                            f"({str(e).splitlines()[0]}). {fix}") from None
+    return net.eval()
+
+
 class RetinaFaceDetector(Detector):
     def __init__(self, network: str, weights: Path, device: torch.device):
         from facexlib.detection.retinaface import RetinaFace
 
-        from .loader import ModelLoadError, canonicalize, read_state_dict
-
-        fix = f"Download {RETINAFACE_URL}{weights.name} into {weights.parent} again."
-        try:
-            state_dict = canonicalize(read_state_dict(weights, fix), weights.name)
-        except ModelLoadError as e:
-            raise DetectorError(f"Face detector weights {weights} are unusable: {e}") from None
-        with torch.no_grad():
-            self.net = RetinaFace(network_name=network, half=False, device=device)
-            try:
-                self.net.load_state_dict(state_dict, strict=True)
-            except RuntimeError as e:
-                raise DetectorError(
-                    f"{weights.name} in {weights.parent} is not the RetinaFace {network} detector "
-                    f"({str(e).splitlines()[0]}). Download {RETINAFACE_URL}{weights.name} again."
-                ) from None
-        self.net.eval()
+        self.net = load_facexlib_net(lambda: RetinaFace(network_name=network, half=False, device=device),
+                                     weights, RETINAFACE_URL, "Face detector weights",
+                                     f"the RetinaFace {network} detector")
 
     def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
         with torch.no_grad():
@@ -130,15 +148,8 @@ class MTCNNDetector(Detector):
 
 def retinaface_path(detector: str, model_dirs: Sequence[str | Path]) -> Path:
     """The weights file for a RetinaFace choice, or a clear error saying where to put it."""
-    filename = RETINAFACE_FILES[detector][1]
-    for folder in model_dirs:
-        candidate = Path(folder) / filename
-        if candidate.is_file():
-            return candidate
-    where = ", ".join(str(d) for d in model_dirs) or "models/facedetection"
-    raise DetectorError(
-        f"Face detector weights {filename} not found in {where}. Download {RETINAFACE_URL}{filename} "
-        f"into that folder, or choose the 'mtcnn' detector, which needs no download.")
+    return find_weights(RETINAFACE_FILES[detector][1], RETINAFACE_URL, model_dirs,
+                        "Face detector weights", "choose the 'mtcnn' detector")
 
 
 @functools.lru_cache(maxsize=4)

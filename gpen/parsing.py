@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from .faces import DetectorError
+from .faces import DetectorError, find_weights, load_facexlib_net
 
 PARSERS = {
     "bisenet": ("parsing_bisenet.pth", "https://github.com/xinntao/facexlib/releases/download/v0.2.0/"),
@@ -34,20 +34,9 @@ class FaceParser:
     def __init__(self, name: str, weights: Path, device: str = "cpu"):
         from facexlib.parsing import BiSeNet, ParseNet
 
-        from .loader import ModelLoadError, canonicalize, read_state_dict
-
-        filename, url = PARSERS[name]
-        fix = f"Download {url}{filename} into {weights.parent} again."
-        try:
-            state_dict = canonicalize(read_state_dict(weights, fix), weights.name)
-        except ModelLoadError as e:
-            raise DetectorError(f"Face parsing weights {weights} are unusable: {e}") from None
-        net = BiSeNet(num_class=19) if name == "bisenet" else ParseNet(PARSE_SIZE, PARSE_SIZE, parsing_ch=19)
-        try:
-            net.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise DetectorError(f"{weights.name} in {weights.parent} is not facexlib's {name} "
-                                f"({str(e).splitlines()[0]}). Download {url}{filename} again.") from None
+        build = (lambda: BiSeNet(num_class=19)) if name == "bisenet" else \
+            (lambda: ParseNet(PARSE_SIZE, PARSE_SIZE, parsing_ch=19))
+        net = load_facexlib_net(build, weights, PARSERS[name][1], "Face parsing weights", f"facexlib's {name}")
         self.name = name
         self.device = torch.device(device)
         self.net = net.eval().to(self.device)
@@ -84,17 +73,15 @@ def border_fade(size: int, feather: float) -> np.ndarray:
 
 def parser_path(name: str, model_dirs: Sequence[str | Path]) -> Path:
     filename, url = PARSERS[name]
-    for folder in model_dirs:
-        candidate = Path(folder) / filename
-        if candidate.is_file():
-            return candidate
-    where = ", ".join(str(d) for d in model_dirs) or "models/facedetection"
-    raise DetectorError(f"Face parsing weights {filename} not found in {where}. Download {url}{filename} "
-                        f"into that folder, or use the 'face ellipse' mask, which needs no download.")
+    return find_weights(filename, url, model_dirs, "Face parsing weights", "use the 'face ellipse' mask")
 
 
 @functools.lru_cache(maxsize=2)
 def load_parser(name: str, model_dirs: tuple[str, ...] = (), device: str = "cpu") -> FaceParser:
     if name not in PARSERS:
         raise DetectorError(f"Unknown face parser '{name}'; choose one of {', '.join(PARSERS)}.")
-    return FaceParser(name, parser_path(name, model_dirs), device)
+    try:
+        return FaceParser(name, parser_path(name, model_dirs), device)
+    except ImportError as e:
+        raise DetectorError(f"Face parsing needs facexlib==0.3.0, which is not importable ({e}). Run "
+                            f"the pack's install.py, or: pip install --no-deps facexlib==0.3.0") from None
