@@ -19,16 +19,16 @@ from comfy_api.latest import ComfyExtension, io
 
 from .gpen import ModelLoadError, load_generator, pipeline
 from .gpen import image as im
-from .gpen.faces import DETECTORS, ORDERS, load_detector, parse_indices
-from .gpen.parsing import PARSERS, load_parser
-from .gpen.paste import BLENDS
+from .gpen.faces import load_detector
+from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, DetectOptions, PasteOptions, RestoreOptions,
+                           parse_indices)
+from .gpen.parsing import load_parser
 
 MODEL_FOLDER = "facerestore_models"  # shared with the other face-restore packs
 DETECTOR_FOLDER = "facedetection"
 WEIGHT_EXTENSIONS = {".pth", ".pt", ".safetensors"}
 PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CATEGORY = "GPEN"
-MASKS = ("face ellipse", *(f"parsing: {name}" for name in PARSERS))
 
 GPENModel = io.Custom("GPEN_MODEL")
 Faces = io.Custom("FACES")
@@ -139,13 +139,12 @@ class DetectFaces(io.ComfyNode):
     @classmethod
     def execute(cls, image: torch.Tensor, detector: str, threshold: float, max_faces: int,
                 order: str, min_size: int, indices: str, smoothing: float = 0.0) -> io.NodeOutput:
-        chosen = parse_indices(indices)
+        options = DetectOptions(detector=detector, threshold=threshold, max_faces=max_faces, order=order,
+                                min_size=float(min_size), indices=parse_indices(indices),
+                                smoothing=smoothing)
         model_dirs = tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER))
-        device = mm.get_torch_device()
-        found = load_detector(detector, model_dirs, str(device))
-        faces = pipeline.detect(image, found, threshold, order, max_faces, float(min_size), chosen,
-                                detector_name=detector, smoothing=smoothing,
-                                on_frame=_progress_callback(image.shape[0]))
+        found = load_detector(detector, model_dirs, str(mm.get_torch_device()))
+        faces = pipeline.detect(image, found, options, on_frame=_progress_callback(image.shape[0]))
         return io.NodeOutput(faces)
 
 
@@ -176,6 +175,7 @@ class GPENRestore(io.ComfyNode):
     @classmethod
     def execute(cls, gpen_model, image: torch.Tensor, faces, strength: float,
                 batch_size: int) -> io.NodeOutput:
+        options = RestoreOptions(strength=strength, batch_size=batch_size)
         model = gpen_model.model
         crops, aligned = pipeline.align(image, faces, model.size)
         if aligned.count:
@@ -184,8 +184,9 @@ class GPENRestore(io.ComfyNode):
             device = gpen_model.load_device
             mm.load_models_gpu([gpen_model], memory_required=per_face * batch_size)
             fits = int(mm.get_free_memory(device) * 0.8 // per_face)
-            crops = pipeline.restore(model, crops, strength, max(1, min(batch_size, fits)), device,
-                                     dtype, on_batch=_progress_callback(aligned.count))
+            options = dataclasses.replace(options, batch_size=max(1, min(batch_size, fits)))
+            crops = pipeline.restore(model, crops, options, device, dtype,
+                                     on_batch=_progress_callback(aligned.count))
         return io.NodeOutput(crops, aligned)
 
 
@@ -230,15 +231,15 @@ class PasteBack(io.ComfyNode):
     def execute(cls, image: torch.Tensor, restored_faces: torch.Tensor, faces, feather: float,
                 color_correction: bool = True, blend: str = BLENDS[0], upscale: float = 1.0,
                 mask: str = MASKS[0], upscale_model=None) -> io.NodeOutput:
-        if mask not in MASKS:
-            raise ValueError(f"Unknown mask '{mask}'; choose one of {', '.join(MASKS)}.")
+        options = PasteOptions(feather=feather, colour=color_correction, blend=blend, upscale=upscale,
+                               mask=mask)
         parser = None
-        if mask != MASKS[0]:
-            parser = load_parser(mask.split(": ")[1], tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)),
+        if options.parser:
+            parser = load_parser(options.parser, tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)),
                                  str(mm.get_torch_device()))
         upscaler = pipeline.lanczos if upscale_model is None else _model_upscaler(upscale_model)
-        out, paste_mask = pipeline.paste(image, restored_faces, faces, feather, color_correction, blend,
-                                         upscale, upscaler, parser, _progress_callback(image.shape[0]))
+        out, paste_mask = pipeline.paste(image, restored_faces, faces, options, upscaler, parser,
+                                         _progress_callback(image.shape[0]))
         return io.NodeOutput(out, paste_mask)
 
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from . import pipeline
-from .faces import DETECTORS, DetectorError, load_detector
+from .faces import DetectorError, load_detector
 from .loader import ModelLoadError, canonicalize, detect_config, load_generator, read_state_dict
+from .options import DETECTORS, DetectOptions, PasteOptions, RestoreOptions
 
 
 def _new_output(path: str) -> Path:
@@ -52,10 +53,10 @@ def restore(model_path: str, source: str, target: str, detector: str, model_dir:
     dtype = torch.float16 if device == "cuda" else torch.float32
     model = load_generator(model_path, device=device, dtype=dtype).to_channels_last()
     found = load_detector(detector, (model_dir,) if model_dir else (), device)
-    faces = pipeline.detect(image, found, detector_name=detector)
+    faces = pipeline.detect(image, found, DetectOptions(detector=detector))
     crops, aligned = pipeline.align(image, faces, model.size)
-    restored = pipeline.restore(model, crops, strength, device=device, dtype=dtype)
-    result, _ = pipeline.paste(image, restored, aligned, feather)
+    restored = pipeline.restore(model, crops, RestoreOptions(strength=strength), device, dtype)
+    result, _ = pipeline.paste(image, restored, aligned, PasteOptions(feather=feather))
     rgb = (result[0].numpy().clip(0, 1) * 255 + 0.5).astype(np.uint8)
     if not cv2.imwrite(str(out), np.ascontiguousarray(rgb[..., ::-1])):
         raise ValueError(f"Could not write {out}: unknown image extension or folder not writable.")

@@ -16,13 +16,13 @@ import cv2
 import numpy as np
 import torch
 
+from .options import DETECTORS, DetectOptions
+
 RETINAFACE_FILES = {
     "retinaface_resnet50": ("resnet50", "detection_Resnet50_Final.pth"),
     "retinaface_mobile0.25": ("mobile0.25", "detection_mobilenet0.25_Final.pth"),
 }
 RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
-DETECTORS = ("mtcnn", *RETINAFACE_FILES)
-ORDERS = ("largest first", "left to right", "top to bottom", "confidence")
 DETECT_MAX_SIDE = 1500  # larger frames are shrunk for detection only, as the authors do
 DETECT_SHRINK_TO = 1000
 DETECT_MIN_SIDE = 20  # MTCNN finds nothing smaller (its minimum face size), and crashes on it
@@ -185,32 +185,18 @@ def detect_frame(detector: Detector, rgb: np.ndarray, threshold: float) -> list[
     return faces
 
 
-def select_faces(faces: list[Face], order: str = "largest first", max_faces: int = 0,
-                 min_size: float = 0.0, indices: Sequence[int] = ()) -> list[Face]:
+def select_faces(faces: list[Face], options: DetectOptions) -> list[Face]:
     """Filter by size, sort, then keep chosen indices and/or the first ``max_faces``."""
-    faces = [f for f in faces if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_size]
+    faces = [f for f in faces if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= options.min_size]
     keys: dict[str, Callable[[Face], float]] = {
         "largest first": lambda f: -f.area,
         "left to right": lambda f: f.box[0],
         "top to bottom": lambda f: f.box[1],
         "confidence": lambda f: -f.score,
     }
-    if order not in keys:
-        raise ValueError(f"Unknown face order '{order}'; choose one of {', '.join(ORDERS)}.")
-    faces = sorted(faces, key=keys[order])
-    if indices:
-        faces = [faces[i] for i in indices if 0 <= i < len(faces)]
-    if max_faces > 0:
-        faces = faces[:max_faces]
+    faces = sorted(faces, key=keys[options.order])
+    if options.indices:
+        faces = [faces[i] for i in options.indices if 0 <= i < len(faces)]
+    if options.max_faces > 0:
+        faces = faces[:options.max_faces]
     return faces
-
-
-def parse_indices(text: str) -> list[int]:
-    """'0,2' -> [0, 2]; empty -> []. Raises a clear error for anything else."""
-    text = text.strip()
-    if not text:
-        return []
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise ValueError(f"Face indices must be comma-separated numbers such as '0,2'; got '{text}'.") from None

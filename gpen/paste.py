@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 
 from .align import invert_affine
+from .options import BLENDS
 
 # Face ellipse on the 512 template: centre between the eyes and mouth, from brow to chin.
 MASK_CENTER_512 = (256.0, 290.0)
 MASK_AXES_512 = (172.0, 212.0)
-BLENDS = ("multiband", "alpha")
 MAX_LEVELS = 5
 
 

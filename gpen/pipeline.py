@@ -7,7 +7,7 @@ faces exactly as they were.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from . import image as im
 from .align import affine_scale, align_face, warp_to_crop
 from .faces import Detector, Face, FaceSet, detect_frame, select_faces
+from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
 from .paste import face_mask, match_colour, paste_faces
 from .temporal import smooth_landmarks, track
@@ -24,22 +25,20 @@ BatchCallback = Callable[[int, int], None]
 Upscaler = Callable[[np.ndarray, int, int], np.ndarray]
 
 
-def detect(image: torch.Tensor, detector: Detector, threshold: float = 0.9,
-           order: str = "largest first", max_faces: int = 0, min_size: float = 0.0,
-           indices: Sequence[int] = (), detector_name: str = "", smoothing: float = 0.0,
+def detect(image: torch.Tensor, detector: Detector, options: DetectOptions = DetectOptions(),
            on_frame: BatchCallback | None = None) -> FaceSet:
     """Detect and select faces in every frame of an IMAGE batch, give each person a track id
-    across frames, and smooth their landmarks over time by ``smoothing`` (0..1)."""
+    across frames, and smooth their landmarks over time by ``options.smoothing`` (0..1)."""
     im.check_image(image)
     frames = []
     for index in range(image.shape[0]):
         rgb = im.to_uint8(im.frame_rgb(image, index))
-        found = detect_frame(detector, rgb, threshold)
-        frames.append(select_faces(found, order, max_faces, min_size, indices))
+        found = detect_frame(detector, rgb, options.threshold)
+        frames.append(select_faces(found, options))
         if on_frame:
             on_frame(index + 1, image.shape[0])
-    frames = smooth_landmarks(track(frames), smoothing)
-    return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=detector_name)
+    frames = smooth_landmarks(track(frames), options.smoothing)
+    return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=options.detector)
 
 
 def check_faces_match(image: torch.Tensor, faces: FaceSet, node: str) -> None:
@@ -77,17 +76,19 @@ def activation_bytes(size: int, dtype: torch.dtype) -> int:
     return size * size * 100 * torch.finfo(dtype).bits // 8
 
 
-def restore(model: torch.nn.Module, crops: torch.Tensor, strength: float = 1.0, batch_size: int = 4,
+def restore(model: torch.nn.Module, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             on_batch: BatchCallback | None = None) -> torch.Tensor:
-    """Run the generator over aligned crops in batches; ``strength`` mixes restored over input.
+    """Run the generator over aligned crops in batches of at most ``options.batch_size``;
+    ``options.strength`` mixes restored over input.
 
     A CUDA out-of-memory error halves the batch and retries; any other error propagates.
     """
     total = crops.shape[0]
     out = torch.empty_like(crops)
     start = 0
-    batch_size = max(1, int(batch_size))
+    batch_size = options.batch_size
+    strength = options.strength
     while start < total:
         chunk = crops[start:start + batch_size]
         try:
@@ -112,15 +113,16 @@ def lanczos(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(cv2.resize(frame, (width, height), interpolation=cv2.INTER_LANCZOS4), 0, 1)
 
 
-def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet, feather: float = 0.15,
-          colour: bool = True, blend: str = "multiband", upscale: float = 1.0,
-          upscaler: Upscaler = lanczos, parser: FaceParser | None = None,
+def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet,
+          options: PasteOptions = PasteOptions(), upscaler: Upscaler = lanczos,
+          parser: FaceParser | None = None,
           on_frame: BatchCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste restored crops onto their frames; returns (IMAGE, MASK).
 
-    ``upscale`` enlarges the background with ``upscaler`` and pastes the faces at the
+    ``options.upscale`` enlarges the background with ``upscaler`` and pastes the faces at the
     restored resolution. Frames without faces pass through unchanged (only resized when
-    upscaling). ``parser`` swaps the face ellipse for a face-parsing mask.
+    upscaling). ``parser`` (loaded for ``options.mask``) swaps the face ellipse for a
+    face-parsing mask.
     """
     im.check_image(image)
     im.check_image(crops, "restored faces")
@@ -133,8 +135,7 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet, feather: flo
                          "GPEN Restore 2048, not of Detect Faces.")
     if crops.shape[1] != crops.shape[2]:
         raise ValueError(f"Paste Back: restored faces must be square; got {crops.shape[2]}x{crops.shape[1]}.")
-    if not 1.0 <= upscale <= 4.0:
-        raise ValueError(f"Paste Back: upscale must be between 1 and 4; got {upscale}.")
+    feather, colour, blend, upscale = options.feather, options.colour, options.blend, options.upscale
     height, width = image.shape[1], image.shape[2]
     out_h, out_w = round(height * upscale), round(width * upscale)
     size = crops.shape[1]

@@ -31,7 +31,7 @@ def photo_figure() -> np.ndarray:
     """Detected box and landmarks | aligned 512 crop with the template | paste mask."""
     photo = skimage.data.astronaut()
     image = torch.from_numpy(photo.astype(np.float32) / 255)[None]
-    faces = pipeline.detect(image, load_detector("mtcnn"), 0.9)
+    faces = pipeline.detect(image, load_detector("mtcnn"))
     crops, aligned = pipeline.align(image, faces, 512)
     _, mask = pipeline.paste(image, crops, aligned)
     face = faces.frames[0][0]

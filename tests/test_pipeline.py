@@ -7,7 +7,8 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from gpen import pipeline
 from gpen.align import similarity_transform, template
-from gpen.faces import FaceSet, parse_indices, select_faces, Face
+from gpen.faces import Face, FaceSet, select_faces
+from gpen.options import DetectOptions, PasteOptions, RestoreOptions, parse_indices
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -33,13 +34,13 @@ def test_template_scales_with_size():
 def test_alignment_round_trip_on_astronaut(astro, mtcnn, size):
     """Landmarks re-detected on the aligned crop sit where the alignment put them (within 2% of
     the crop), and no closer fit to GPEN's template exists than the least-squares one we use."""
-    faces = pipeline.detect(astro, mtcnn, threshold=0.9)
+    faces = pipeline.detect(astro, mtcnn)
     assert faces.count == 1
     crops, aligned = pipeline.align(astro, faces, size)
     assert crops.shape == (1, size, size, 3)
     face = aligned.frames[0][0]
     placed = face.landmarks @ face.affine[:, :2].T + face.affine[:, 2]
-    again = pipeline.detect(crops, mtcnn, threshold=0.9)
+    again = pipeline.detect(crops, mtcnn)
     assert again.count == 1
     found = again.frames[0][0].landmarks
     assert np.linalg.norm(found - placed, axis=1).max() <= 0.02 * size
@@ -52,7 +53,7 @@ def test_alignment_round_trip_on_astronaut(astro, mtcnn, size):
 
 
 def test_identity_restore_pastes_back_losslessly(astro, mtcnn):
-    faces = pipeline.detect(astro, mtcnn, threshold=0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 512)
     out, mask = pipeline.paste(astro, crops, aligned)
     assert out.shape == astro.shape and mask.shape == astro.shape[:3]
@@ -61,7 +62,7 @@ def test_identity_restore_pastes_back_losslessly(astro, mtcnn):
 
 
 def test_resized_crops_still_land_in_place(astro, mtcnn):
-    faces = pipeline.detect(astro, mtcnn, threshold=0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 512)
     bigger = torch.nn.functional.interpolate(crops.movedim(-1, 1), scale_factor=2, mode="bicubic")
     out, _ = pipeline.paste(astro, bigger.movedim(1, -1).clamp(0, 1), aligned)
@@ -70,9 +71,9 @@ def test_resized_crops_still_land_in_place(astro, mtcnn):
 
 @pytest.mark.parametrize("blend", ["multiband", "alpha"])
 def test_changes_stay_near_the_face(astro, mtcnn, blend):
-    faces = pipeline.detect(astro, mtcnn, threshold=0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 512)
-    out, mask = pipeline.paste(astro, torch.zeros_like(crops), aligned, colour=False, blend=blend)
+    out, mask = pipeline.paste(astro, torch.zeros_like(crops), aligned, PasteOptions(colour=False, blend=blend))
     change = (out - astro).abs().amax(-1)[0]
     x0, y0, x1, y1 = faces.frames[0][0].box
     ys, xs = np.nonzero(change.numpy() > 1 / 255)  # a visible change
@@ -87,7 +88,7 @@ def test_faceless_frames_pass_through_unchanged(astro, mtcnn):
     sky = torch.linspace(0, 1, 256)[None, :, None, None].expand(1, 256, 512, 3).clone()
     sky = torch.nn.functional.interpolate(sky.movedim(-1, 1), size=(512, 512)).movedim(1, -1)
     batch = torch.cat([sky, astro])
-    faces = pipeline.detect(batch, mtcnn, threshold=0.9)
+    faces = pipeline.detect(batch, mtcnn)
     assert [len(f) for f in faces.frames] == [0, 1]
     crops, aligned = pipeline.align(batch, faces, 256)
     out, mask = pipeline.paste(batch, crops, aligned)
@@ -96,7 +97,7 @@ def test_faceless_frames_pass_through_unchanged(astro, mtcnn):
 
 def test_no_faces_at_all(mtcnn):
     grey = torch.full((2, 64, 80, 3), 0.5)
-    faces = pipeline.detect(grey, mtcnn, threshold=0.9)
+    faces = pipeline.detect(grey, mtcnn)
     crops, aligned = pipeline.align(grey, faces, 512)
     assert crops.shape == (0, 512, 512, 3)
     out, mask = pipeline.paste(grey, crops, aligned)
@@ -104,7 +105,7 @@ def test_no_faces_at_all(mtcnn):
 
 
 def test_alpha_and_grey_layouts_are_kept(astro, mtcnn):
-    faces = pipeline.detect(astro, mtcnn, threshold=0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 256)
     alpha = torch.rand(1, 512, 512, 1)
     rgba = torch.cat([astro, alpha], -1)
@@ -116,7 +117,7 @@ def test_alpha_and_grey_layouts_are_kept(astro, mtcnn):
 
 
 def test_mismatched_inputs_are_named(astro, mtcnn):
-    faces = pipeline.detect(astro, mtcnn, threshold=0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 256)
     with pytest.raises(ValueError, match="512x512 image"):
         pipeline.paste(torch.zeros(1, 300, 400, 3), crops, aligned)
@@ -148,14 +149,14 @@ def test_out_of_memory_halves_the_batch():
     crops = torch.rand(5, 8, 8, 3)
     model = _FlakyMemory()
     done = []
-    out = pipeline.restore(model, crops, batch_size=4, on_batch=lambda d, t: done.append(d))
+    out = pipeline.restore(model, crops, RestoreOptions(batch_size=4), on_batch=lambda d, t: done.append(d))
     assert model.batches[:3] == [4, 2, 1] and done[-1] == 5
     assert torch.allclose(out, 1 - crops, atol=1e-6)
 
 
 def test_strength_mixes_with_the_input():
     crops = torch.rand(3, 8, 8, 3)
-    out = pipeline.restore(_Negate(), crops, strength=0.25, batch_size=2)
+    out = pipeline.restore(_Negate(), crops, RestoreOptions(strength=0.25, batch_size=2))
     assert torch.allclose(out, 0.25 * (1 - crops) + 0.75 * crops, atol=1e-6)
 
 
@@ -170,14 +171,14 @@ def _face(x, y, size, score=0.99):
 
 def test_selection_orders_and_filters():
     faces = [_face(300, 10, 50, 0.95), _face(10, 200, 120, 0.91), _face(150, 100, 20, 0.99)]
-    assert [f.box[0] for f in select_faces(faces, "largest first")] == [10, 300, 150]
-    assert [f.box[0] for f in select_faces(faces, "left to right")] == [10, 150, 300]
-    assert [f.box[1] for f in select_faces(faces, "top to bottom")] == [10, 100, 200]
-    assert [f.score for f in select_faces(faces, "confidence")] == [0.99, 0.95, 0.91]
-    assert [f.box[0] for f in select_faces(faces, "left to right", min_size=30)] == [10, 300]
-    assert [f.box[0] for f in select_faces(faces, "left to right", indices=[0, 2])] == [10, 300]
-    assert len(select_faces(faces, max_faces=1)) == 1
-    assert parse_indices(" 0, 2 ") == [0, 2]
+    assert [f.box[0] for f in select_faces(faces, DetectOptions(order="largest first"))] == [10, 300, 150]
+    assert [f.box[0] for f in select_faces(faces, DetectOptions(order="left to right"))] == [10, 150, 300]
+    assert [f.box[1] for f in select_faces(faces, DetectOptions(order="top to bottom"))] == [10, 100, 200]
+    assert [f.score for f in select_faces(faces, DetectOptions(order="confidence"))] == [0.99, 0.95, 0.91]
+    assert [f.box[0] for f in select_faces(faces, DetectOptions(order="left to right", min_size=30))] == [10, 300]
+    assert [f.box[0] for f in select_faces(faces, DetectOptions(order="left to right", indices=[0, 2]))] == [10, 300]
+    assert len(select_faces(faces, DetectOptions(max_faces=1))) == 1
+    assert parse_indices(" 0, 2 ") == (0, 2)
     with pytest.raises(ValueError, match="comma-separated"):
         parse_indices("first")
 

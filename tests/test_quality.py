@@ -11,6 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from conftest import as_image
 from gpen import pipeline
 from gpen.faces import DetectorError, Face
+from gpen.options import DetectOptions, PasteOptions
 from gpen.parsing import load_parser, parser_path
 from gpen.temporal import OneEuroFilter, assign_tracks, filter_settings, smooth_landmarks, track
 
@@ -37,14 +38,14 @@ def restored_by(crops: torch.Tensor, change) -> torch.Tensor:
 
 
 def run(image, mtcnn, change=lambda c: c, size=512, threshold=0.9, **paste):
-    faces = pipeline.detect(image, mtcnn, threshold)
+    faces = pipeline.detect(image, mtcnn, DetectOptions(threshold=threshold))
     crops, aligned = pipeline.align(image, faces, size)
-    out, mask = pipeline.paste(image, restored_by(crops, change), aligned, **paste)
+    out, mask = pipeline.paste(image, restored_by(crops, change), aligned, PasteOptions(**paste))
     return faces, out, mask
 
 
 def test_group_has_several_faces(group, mtcnn):
-    assert pipeline.detect(group, mtcnn, 0.9).count >= 2
+    assert pipeline.detect(group, mtcnn).count >= 2
 
 
 @pytest.mark.parametrize("name", ["astro", "group"])
@@ -82,10 +83,10 @@ def high_band_energy(image: np.ndarray, center: tuple[int, int], cutoff: float =
 def test_face_larger_than_the_crop_is_replaced_not_mixed(astro, mtcnn):
     """A 64 px crop of a ~90 px face is coarser than the frame: the restored face replaces the
     original there (no unrestored fine detail leaks through), it is not added as a change."""
-    faces = pipeline.detect(astro, mtcnn, 0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 64)
     flat = torch.full_like(crops, 0.5)
-    out, mask = pipeline.paste(astro, flat, aligned, colour=False, blend="alpha")
+    out, mask = pipeline.paste(astro, flat, aligned, PasteOptions(colour=False, blend="alpha"))
     core = mask[0] > 0.999
     assert (out[0][core] - 0.5).abs().max() < 0.02
 
@@ -127,7 +128,7 @@ def test_square_paste_would_show_a_seam(astro, mtcnn):
     """The measure catches a hard-edged square paste (the anchors' complaint)."""
     from gpen.paste import paste_faces
 
-    faces = pipeline.detect(astro, mtcnn, 0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 512)
     square = np.zeros((512, 512), np.float32)
     square[64:448, 64:448] = 1
@@ -156,7 +157,7 @@ def test_colour_correction_undoes_a_tint(astro, mtcnn):
 
 def test_overlapping_faces_are_blended_together(astro, mtcnn):
     """Two restorations of the same face, one darker: the overlap mixes them, no hard edge."""
-    faces = pipeline.detect(astro, mtcnn, 0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 512)
     from gpen.paste import face_mask, paste_faces
     affine = aligned.frames[0][0].affine
@@ -187,7 +188,7 @@ def test_parsing_mask_with_facexlib_networks(tmp_path, astro, mtcnn):
     torch.manual_seed(0)
     torch.save(BiSeNet(num_class=19).state_dict(), tmp_path / "parsing_bisenet.pth")
     parser = load_parser("bisenet", (str(tmp_path),))
-    faces = pipeline.detect(astro, mtcnn, 0.9)
+    faces = pipeline.detect(astro, mtcnn)
     crops, aligned = pipeline.align(astro, faces, 256)
     mask = parser.mask(crops[0].numpy(), 0.1)
     assert mask.shape == (256, 256) and mask.min() >= 0 and mask.max() <= 1

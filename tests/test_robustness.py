@@ -6,6 +6,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from gpen import FullGenerator, GPENConfig, pipeline
 from gpen.faces import DetectorError, load_detector, retinaface_path
+from gpen.options import DetectOptions, RestoreOptions
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def tiny_model():
 
 
 def run_all(image, detector, model_size=256, threshold=0.9, min_size=0.0):
-    faces = pipeline.detect(image, detector, threshold, min_size=min_size)
+    faces = pipeline.detect(image, detector, DetectOptions(threshold=threshold, min_size=min_size))
     crops, aligned = pipeline.align(image, faces, model_size)
     out, mask = pipeline.paste(image, crops, aligned)
     return faces, out, mask
@@ -36,7 +37,7 @@ def test_tiny_images(shape, mtcnn):
 
 def test_face_filling_a_16px_image(astro, mtcnn):
     """A face found at full size, pasted into the same picture shrunk to 16x16."""
-    faces = pipeline.detect(astro, mtcnn, 0.9)
+    faces = pipeline.detect(astro, mtcnn)
     x0, y0, x1, y1 = (int(v) for v in faces.frames[0][0].box)
     face = astro[:, y0:y1, x0:x1]
     small = torch.nn.functional.interpolate(face.movedim(-1, 1), size=(16, 16), mode="area").movedim(1, -1)
@@ -91,7 +92,7 @@ def test_face_larger_than_the_model(astro, mtcnn):
 def test_tiny_faces_are_dropped_by_min_size(astro, mtcnn):
     small = torch.nn.functional.interpolate(astro.movedim(-1, 1), scale_factor=0.25, mode="area")
     small = small.movedim(1, -1).contiguous()
-    faces = pipeline.detect(small, mtcnn, 0.5, min_size=40)
+    faces = pipeline.detect(small, mtcnn, DetectOptions(threshold=0.5, min_size=40))
     assert faces.count == 0
 
 
@@ -108,11 +109,11 @@ def test_long_batch_with_and_without_faces(astro, mtcnn, tiny_model):
     small = torch.nn.functional.interpolate(astro.movedim(-1, 1), size=(128, 128), mode="area")
     small = small.movedim(1, -1)
     frames = torch.cat([small, torch.zeros_like(small)]).repeat(100, 1, 1, 1)
-    faces = pipeline.detect(frames, mtcnn, 0.8)
+    faces = pipeline.detect(frames, mtcnn, DetectOptions(threshold=0.8))
     assert [len(f) for f in faces.frames[:4]] == [1, 0, 1, 0] and faces.count == 100
     crops, aligned = pipeline.align(frames, faces, tiny_model.size)
     seen = []
-    restored = pipeline.restore(tiny_model, crops, batch_size=8, on_batch=lambda d, t: seen.append(d))
+    restored = pipeline.restore(tiny_model, crops, RestoreOptions(batch_size=8), on_batch=lambda d, t: seen.append(d))
     assert seen[0] == 8 and seen[-1] == 100
     out, mask = pipeline.paste(frames, restored, aligned)
     assert out.shape == frames.shape and torch.equal(out[1::2], frames[1::2])
@@ -151,6 +152,6 @@ def test_retinaface_runs_on_generated_weights(tmp_path, astro):
     torch.save(RetinaFace("mobile0.25", device="cpu").state_dict(),
                tmp_path / "detection_mobilenet0.25_Final.pth")
     detector = load_detector("retinaface_mobile0.25", (str(tmp_path),))
-    faces = pipeline.detect(astro, detector, threshold=0.99)
+    faces = pipeline.detect(astro, detector, DetectOptions(threshold=0.99))
     for face in faces.frames[0]:
         assert face.landmarks.shape == (5, 2) and 0.99 <= face.score <= 1
