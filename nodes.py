@@ -177,7 +177,7 @@ class GPENRestore(io.ComfyNode):
                 batch_size: int) -> io.NodeOutput:
         options = RestoreOptions(strength=strength, batch_size=batch_size)
         model = gpen_model.model
-        crops, aligned = pipeline.align(image, faces, model.size)
+        crops, aligned = pipeline.align(image, faces, model.size, gpen_model.load_device)
         if aligned.count:
             dtype = next(model.parameters()).dtype
             per_face = pipeline.activation_bytes(model.size, dtype)
@@ -237,20 +237,20 @@ class PasteBack(io.ComfyNode):
         if options.parser:
             parser = load_parser(options.parser, tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)),
                                  str(mm.get_torch_device()))
-        upscaler = pipeline.lanczos if upscale_model is None else _model_upscaler(upscale_model)
+        upscaler = pipeline.enlarge if upscale_model is None else _model_upscaler(upscale_model)
         out, paste_mask = pipeline.paste(image, restored_faces, faces, options, upscaler, parser,
-                                         _progress_callback(image.shape[0]))
+                                         _progress_callback(image.shape[0]), mm.get_torch_device())
         return io.NodeOutput(out, paste_mask)
 
 
 def _model_upscaler(upscale_model) -> pipeline.Upscaler:
     """Background enlargement through ComfyUI's own upscale node (its tiling and OOM handling),
-    then Lanczos to the exact size asked for."""
+    then resized to the exact size asked for."""
     from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 
-    def run(frame, width: int, height: int):
+    def run(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
         enlarged = ImageUpscaleWithModel.execute(upscale_model, im.frame_to_image(frame)).args[0]
-        return pipeline.lanczos(im.frame_rgb(enlarged, 0), width, height)
+        return pipeline.enlarge(im.frame_tensor(enlarged, 0, frame.device), width, height)
     return run
 
 

@@ -1,14 +1,23 @@
-"""Alignment to GPEN's five-point template, and the way back.
+"""Alignment to GPEN's five-point template, and the resampling both ways.
 
-The template is the authors' (see shared reference ``pipeline.md``), scaled exactly with the
-model size, so a 1024 or 2048 model gets its face cut at full resolution from the source frame
-rather than upscaled from a 512 crop.
+The template is the authors' (tests/data README), scaled exactly with the model size, so a 1024 or
+2048 model gets its face cut at full resolution from the source frame rather than upscaled from
+a 512 crop.
+
+Every warp in the pack - frame to aligned crop, and crop back to frame - is ``resample``: torch
+ops on whatever device the image is on. When a warp minifies, the source is first reduced with
+an anti-aliased resize to about the destination's resolution, so detail finer than the
+destination's pixels is averaged away instead of aliasing (grain, jagged hair, moire), and the
+work scales with the destination's size, not the source's.
 """
 
 from __future__ import annotations
 
-import cv2
+import math
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 TEMPLATE_512 = np.array([
     [202.04, 242.88],  # left eye
@@ -17,6 +26,7 @@ TEMPLATE_512 = np.array([
     [211.96, 366.83],  # left mouth corner
     [300.89, 366.34],  # right mouth corner
 ])
+Region = tuple[int, int, int, int]  # x0, y0, x1, y1: integer pixel box, end exclusive
 
 
 def template(size: int) -> np.ndarray:
@@ -45,33 +55,125 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rotation, shift[:, None]])
 
 
+def alignment(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """The image -> crop affine (2x3) that puts ``landmarks`` on the template of a ``size`` crop."""
+    return similarity_transform(landmarks, template(size))
+
+
 def invert_affine(affine: np.ndarray) -> np.ndarray:
-    return cv2.invertAffineTransform(np.asarray(affine, np.float64))
+    matrix = np.vstack([np.asarray(affine, np.float64), [0.0, 0.0, 1.0]])
+    return np.linalg.inv(matrix)[:2]
 
 
 def affine_scale(affine: np.ndarray) -> float:
-    """Uniform scale of a similarity transform (crop pixels per image pixel)."""
+    """Uniform scale of a similarity transform (destination pixels per source pixel)."""
     return float(np.sqrt(abs(np.linalg.det(np.asarray(affine)[:, :2]))))
 
 
-def warp_to_crop(frame: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
-    """The ``size`` crop that ``affine`` (image -> crop) cuts from a float32 RGB frame.
+def shifted(affine: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """``affine`` followed by a shift of the destination by (dx, dy)."""
+    out = np.array(affine, np.float64)
+    out[:, 2] += (dx, dy)
+    return out
 
-    When the crop is smaller than the face in the frame, the frame is low-passed first so the
-    warp does not alias; borders are mirrored so faces at the frame edge still look like faces
-    to the model (paste-back only writes inside the frame).
+
+def scaled(affine: np.ndarray, factor: float) -> np.ndarray:
+    """``affine`` followed by scaling the destination by ``factor``."""
+    return np.asarray(affine, np.float64) * factor
+
+
+def preimage(affine: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Corners (4x2) of the source region a ``width`` x ``height`` destination comes from."""
+    corners = np.array([[-0.5, -0.5], [width - 0.5, -0.5], [-0.5, height - 0.5], [width - 0.5, height - 0.5]])
+    inverse = invert_affine(affine)
+    return corners @ inverse[:, :2].T + inverse[:, 2]
+
+
+def bounding_region(points: np.ndarray, width: int, height: int, margin: int = 0) -> Region | None:
+    """Integer box around ``points`` (plus ``margin``), clipped to a ``width`` x ``height`` image."""
+    x0 = max(0, math.floor(points[:, 0].min()) - margin)
+    y0 = max(0, math.floor(points[:, 1].min()) - margin)
+    x1 = min(width, math.ceil(points[:, 0].max()) + 1 + margin)
+    y1 = min(height, math.ceil(points[:, 1].max()) + 1 + margin)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[..., C, H, W]`` resized to ``height`` x ``width``: enlarged bicubic; shrunk with an
+    anti-aliasing triangle filter as wide as the reduction (PIL's bilinear), which averages away
+    what the smaller image cannot hold at half the cost of a wider bicubic one."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    lead = image.shape[:-3]
+    flat = image.reshape(-1, *image.shape[-3:])
+    if height <= flat.shape[-2] and width <= flat.shape[-1]:
+        out = F.interpolate(flat, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        out = F.interpolate(flat, size=(height, width), mode="bicubic", align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def prefilter(image: torch.Tensor, affine: np.ndarray, width: int, height: int,
+              margin: int = 3) -> tuple[torch.Tensor, np.ndarray]:
+    """Reduce ``image`` to about the destination's resolution when ``affine`` minifies it.
+
+    Returns the (possibly) reduced source and the affine from it to the same destination. Only
+    the part of the source the destination can see (plus ``margin``) is reduced.
     """
     scale = affine_scale(affine)
-    source = frame
-    if scale < 0.5:
-        sigma = 0.5 / scale
-        source = cv2.GaussianBlur(frame, (0, 0), sigmaX=sigma, sigmaY=sigma)
-    crop = cv2.warpAffine(source, affine, (size, size), flags=cv2.INTER_LANCZOS4,
-                          borderMode=cv2.BORDER_REFLECT_101)
-    return np.clip(crop, 0.0, 1.0, out=crop)  # Lanczos rings past 0..1 at hard edges
+    if scale >= 1.0:
+        return image, affine
+    src_h, src_w = image.shape[-2:]
+    region = bounding_region(preimage(affine, width, height), src_w, src_h, margin=margin + math.ceil(2 / scale))
+    if region is None:
+        return image, affine
+    x0, y0, x1, y1 = region
+    out_w, out_h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+    reduced = resize(image[..., y0:y1, x0:x1], out_h, out_w)
+    # Source pixel centre u maps to (u - x0 + 0.5) * fx - 0.5 in the reduced image.
+    fx, fy = out_w / (x1 - x0), out_h / (y1 - y0)
+    to_reduced = np.array([[fx, 0.0, (0.5 - x0) * fx - 0.5], [0.0, fy, (0.5 - y0) * fy - 0.5]])
+    return reduced, compose(affine, invert_affine(to_reduced))
 
 
-def align_face(frame: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the face at ``size`` from a float32 RGB frame; returns (crop, image->crop affine)."""
-    affine = similarity_transform(landmarks, template(size))
-    return warp_to_crop(frame, affine, size), affine
+def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The affine ``outer(inner(p))``."""
+    outer3 = np.vstack([outer, [0, 0, 1]])
+    inner3 = np.vstack([inner, [0, 0, 1]])
+    return (outer3 @ inner3)[:2]
+
+
+def warp(image: torch.Tensor, affine: np.ndarray, width: int, height: int, mode: str = "bilinear",
+         padding: str = "zeros") -> torch.Tensor:
+    """``[..., C, H, W]`` warped by ``affine`` (source pixel -> destination pixel, pixel centres
+    at integer coordinates, as OpenCV) into a ``width`` x ``height`` destination."""
+    lead = image.shape[:-3]
+    flat = image.reshape(-1, *image.shape[-3:])
+    src_h, src_w = flat.shape[-2:]
+    inverse = invert_affine(affine)
+    # Normalised grid (align_corners=False): pixel centre u -> (2u + 1) / size - 1.
+    norm = np.array([2.0 / src_w, 2.0 / src_h])
+    matrix = torch.tensor((inverse[:, :2] * norm[:, None]).T, dtype=flat.dtype, device=flat.device)
+    offset = torch.tensor(inverse[:, 2] * norm + norm / 2 - 1, dtype=flat.dtype, device=flat.device)
+    xs = torch.arange(width, dtype=flat.dtype, device=flat.device)[None, :, None] * matrix[0]
+    ys = torch.arange(height, dtype=flat.dtype, device=flat.device)[:, None, None] * matrix[1] + offset
+    grid = xs + ys
+    out = F.grid_sample(flat, grid[None].expand(flat.shape[0], -1, -1, -1), mode=mode,
+                        padding_mode=padding, align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def resample(image: torch.Tensor, affine: np.ndarray, width: int, height: int, mode: str = "bilinear",
+             padding: str = "zeros") -> torch.Tensor:
+    """``warp`` with the anti-aliasing pre-filter when the affine minifies."""
+    source, affine = prefilter(image, affine, width, height)
+    return warp(source, affine, width, height, mode, padding)
+
+
+def cut_crop(frame: torch.Tensor, affine: np.ndarray, size: int) -> torch.Tensor:
+    """The ``size`` crop that ``affine`` (image -> crop) cuts from a ``[3,H,W]`` frame.
+
+    Bilinear, as the authors align; borders are mirrored so faces at the frame edge still look
+    like faces to the model (paste-back only writes inside the frame).
+    """
+    return resample(frame, affine, size, size, "bilinear", "reflection").clamp_(0.0, 1.0)

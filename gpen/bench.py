@@ -2,6 +2,7 @@
 
     python -m gpen.bench                       # CPU: 512 px, batch 1 and 2
     python -m gpen.bench --sizes 512 1024 2048 --batches 1 8   # e.g. on a GPU
+    python -m gpen.bench --stages              # per-stage ms of a 1080p one-face frame
 
 Every path runs the same random-weight generator on the same input in the same process; the
 ratio column is the plain fp32 eager time divided by the path's time, and the error columns
@@ -51,7 +52,7 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def timed(run: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
+def timed(run: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
     """Median seconds of ``repeats`` runs after one warm-up run."""
     out = run()
     synchronize(device)
@@ -119,20 +120,85 @@ def format_row(r: dict) -> str:
             f"{r['max_abs']:>9.2e} {r['psnr']:>8.1f}")
 
 
+def test_frame(path: str | None = None) -> torch.Tensor:
+    """A 1920x1080 one-face frame as an IMAGE: ``path``, or the astronaut (scikit-image) scaled
+    into the frame, face about 400 px."""
+    import cv2
+    import numpy as np
+
+    if path:
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise SystemExit(f"{path} could not be read as an image.")
+        rgb = bgr[..., ::-1]
+    else:
+        try:
+            import skimage.data
+        except ImportError:
+            raise SystemExit("--stages needs scikit-image for its sample photo (pip install "
+                             "scikit-image), or --image PATH.") from None
+        rgb = np.full((1080, 1920, 3), 128, np.uint8)
+        rgb[:, 420:1500] = cv2.resize(skimage.data.astronaut(), (1080, 1080), interpolation=cv2.INTER_CUBIC)
+    return torch.from_numpy(np.ascontiguousarray(rgb).astype(np.float32) / 255.0)[None]
+
+
+def stage_table(sizes: list[int], device: torch.device, dtype: torch.dtype, repeats: int,
+                image: torch.Tensor) -> list[dict]:
+    """ms per frame of each stage of the frame pipeline (detect, align, restore, paste) on
+    ``device``, for a random-weight generator of each size."""
+    from . import pipeline
+    from .faces import load_detector
+
+    detector = load_detector("mtcnn", (), str(device))
+    seconds, faces = timed(lambda: pipeline.detect(image, detector), device, repeats)
+    detect_ms = 1000 * seconds
+    print(f"frame {image.shape[2]}x{image.shape[1]}, {faces.count} face(s), {dtype}")
+    print(f"{'size':>5}  {'detect':>8} {'align':>8} {'restore':>9} {'paste':>8} {'all but model':>14}  ms per frame")
+    rows = []
+    for size in sizes:
+        torch.manual_seed(0)
+        model = FullGenerator(GPENConfig(size)).eval().requires_grad_(False).to(device=device, dtype=dtype)
+        model.to_channels_last()
+        align_s, (crops, aligned) = timed(lambda: pipeline.align(image, faces, size, device), device, repeats)
+        restore_s, restored = timed(lambda: pipeline.restore(model, crops, device=device, dtype=dtype),
+                                    device, 1 if device.type == "cpu" else repeats)
+        paste_s, _ = timed(lambda: pipeline.paste(image, restored, aligned, device=device), device, repeats)
+        row = {"size": size, "detect_ms": detect_ms, "align_ms": 1000 * align_s,
+               "restore_ms": 1000 * restore_s, "paste_ms": 1000 * paste_s}
+        row["overhead_ms"] = row["detect_ms"] + row["align_ms"] + row["paste_ms"]
+        rows.append(row)
+        print(f"{size:>5}  {row['detect_ms']:>8.1f} {row['align_ms']:>8.1f} {row['restore_ms']:>9.1f} "
+              f"{row['paste_ms']:>8.1f} {row['overhead_ms']:>14.1f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m gpen.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048] if cuda else [512])
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="model sizes (default: 512, 1024, 2048 on CUDA and with --stages; 512 otherwise)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8] if cuda else [1, 2])
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to start)")
+    parser.add_argument("--stages", action="store_true",
+                        help="time each stage of a 1080p one-face frame (detect, align, restore, paste) "
+                             "instead of the generator alone; --sizes picks the models")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="with --stages: the model's precision (default fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--image", help="with --stages: a frame to use instead of the sample photo")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.stages:
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+        return stage_table(args.sizes or [512, 1024, 2048], device, dtype, args.repeats,
+                           test_frame(args.image))
     print(HEADER)
-    return bench(args.sizes, args.batches, device, PATHS + (COMPILED if args.compile else []), args.repeats)
+    return bench(args.sizes or ([512, 1024, 2048] if cuda else [512]), args.batches, device,
+                 PATHS + (COMPILED if args.compile else []), args.repeats)
 
 
 if __name__ == "__main__":

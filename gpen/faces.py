@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -56,6 +56,9 @@ class FaceSet:
     frames: list[list[Face]]
     crop_size: int | None = None  # set once faces are aligned for a model
     detector: str = ""
+    # The unrestored aligned crops (IMAGE batch, crop order), kept so Paste Back can paste only
+    # the restorer's change without cutting them again.
+    originals: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def count(self) -> int:
@@ -65,10 +68,15 @@ class FaceSet:
         """(frame index, face) in crop order: frame by frame, faces in selection order."""
         return [(i, face) for i, faces in enumerate(self.frames) for face in faces]
 
-    def with_alignment(self, affines: Sequence[np.ndarray], crop_size: int) -> FaceSet:
+    def by_frame(self) -> dict[int, list[Face]]:
+        """The faces of each frame that has any, in crop order."""
+        return {i: faces for i, faces in enumerate(self.frames) if faces}
+
+    def with_alignment(self, affines: Sequence[np.ndarray], crop_size: int,
+                       originals: torch.Tensor | None = None) -> FaceSet:
         it = iter(affines)
         frames = [[replace(face, affine=next(it)) for face in faces] for faces in self.frames]
-        return replace(self, frames=frames, crop_size=crop_size)
+        return replace(self, frames=frames, crop_size=crop_size, originals=originals)
 
 
 class Detector:

@@ -1,13 +1,15 @@
-"""The one place where ComfyUI IMAGE/MASK tensors become numpy frames and back.
+"""The one place where ComfyUI IMAGE/MASK tensors become frames and crops, and back.
 
 ComfyUI's IMAGE is float32 ``[B,H,W,C]`` in 0..1 (C is 3, sometimes 1 or 4) and MASK is
-``[B,H,W]``. The rest of ``gpen/`` works on float32 ``HxWx3`` RGB frames in 0..1.
+``[B,H,W]``. The rest of ``gpen/`` works on float32 ``[3,H,W]`` RGB frames in 0..1 on the
+model's device (uint8 ``HxWx3`` numpy for the detectors), and on crops ``[N,3,S,S]``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def check_image(image: torch.Tensor, what: str = "image") -> None:
@@ -18,57 +20,68 @@ def check_image(image: torch.Tensor, what: str = "image") -> None:
                          f"channels; got {shape}.")
 
 
-def frame_rgb(image: torch.Tensor, index: int) -> np.ndarray:
-    """Frame ``index`` as contiguous float32 HxWx3 RGB in 0..1 (grey expanded, alpha dropped,
-    NaN/inf replaced) for detection, alignment and compositing."""
-    frame = image[index].detach().to("cpu", torch.float32).numpy()
+def frame_tensor(image: torch.Tensor, index: int, device: torch.device | str = "cpu",
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+    """Frame ``index`` as float32 ``[3,H,W]`` RGB in 0..1 on ``device`` (grey expanded, alpha
+    dropped, NaN/inf replaced) for alignment and compositing: a tensor the caller owns (written
+    into ``into``, an ``[H,W,3]`` float32 buffer on ``device``, when given), one transfer per
+    frame, kept in the IMAGE's pixel-interleaved (channels-last) memory layout."""
+    frame = image[index].detach().to(device=device, dtype=torch.float32)
     if frame.shape[-1] == 1:
-        frame = np.repeat(frame, 3, axis=-1)
-    frame = np.nan_to_num(frame[..., :3], nan=0.0, posinf=1.0, neginf=0.0)
-    return np.ascontiguousarray(np.clip(frame, 0.0, 1.0), dtype=np.float32)
+        frame = frame.expand(-1, -1, 3)
+    frame = torch.nan_to_num(frame[..., :3], nan=0.0, posinf=1.0, neginf=0.0, out=into)
+    return frame.clamp_(0.0, 1.0).movedim(-1, 0)
 
 
-def frame_to_image(frame: np.ndarray) -> torch.Tensor:
-    """One float32 RGB frame as a single-image IMAGE batch."""
-    return torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))[None]
+def frame_uint8(image: torch.Tensor, index: int) -> np.ndarray:
+    """Frame ``index`` as 8-bit HxWx3 RGB numpy, as the detectors expect."""
+    frame = frame_tensor(image, index)
+    return (frame * 255.0 + 0.5).to(torch.uint8).movedim(0, -1).numpy()
 
 
-def to_uint8(frame: np.ndarray) -> np.ndarray:
-    """8-bit copy of a 0..1 frame, as detectors expect."""
-    return (np.clip(frame, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+def frame_to_image(frame: torch.Tensor) -> torch.Tensor:
+    """One ``[3,H,W]`` frame as a single-image IMAGE batch on the CPU."""
+    return frame.movedim(0, -1)[None].to("cpu", torch.float32).contiguous()
 
 
-def with_rgb(image: torch.Tensor, index: int, rgb: np.ndarray) -> torch.Tensor:
-    """Frame ``index`` of ``image`` with its colour replaced by ``rgb``, in the input's channel
-    layout: grey stays grey (luma), alpha is kept as it was."""
-    original = image[index].detach().to("cpu", torch.float32)
-    new = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))
-    channels = original.shape[-1]
+def output_batch(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """An uninitialised IMAGE batch on the CPU like ``image`` (its channels) at ``height`` x ``width``."""
+    return torch.empty((image.shape[0], height, width, image.shape[-1]), dtype=torch.float32)
+
+
+def put_rgb(out: torch.Tensor, index: int, image: torch.Tensor, rgb: torch.Tensor) -> None:
+    """Write ``rgb`` ``[3,h,w]`` as frame ``index`` of the IMAGE batch ``out``, in the layout of
+    ``image``: grey stays grey (luma), alpha is kept (enlarged, bilinear, if ``rgb`` is)."""
+    target = out[index]
+    new = rgb.detach().movedim(0, -1)
+    channels = image.shape[-1]
     if channels == 1:
-        weights = torch.tensor([0.299, 0.587, 0.114])
-        return (new @ weights)[..., None]
+        weights = torch.tensor([0.299, 0.587, 0.114], device=new.device)
+        target.copy_((new @ weights)[..., None])
+        return
+    target[..., :3].copy_(new)
     if channels == 4:
-        return torch.cat([new, original[..., 3:]], dim=-1)
-    return new
+        alpha = image[index, ..., 3:].detach().to("cpu", torch.float32)
+        if alpha.shape[:2] != target.shape[:2]:
+            alpha = F.interpolate(alpha.movedim(-1, 0)[None], size=target.shape[:2], mode="bilinear")[0].movedim(0, -1)
+        target[..., 3:].copy_(alpha)
 
 
-def with_rgb_resized(image: torch.Tensor, index: int, rgb: np.ndarray) -> torch.Tensor:
-    """Like ``with_rgb`` for a frame that was enlarged: alpha is enlarged to match (bilinear)."""
-    height, width = rgb.shape[:2]
-    original = image[index:index + 1].detach().to("cpu", torch.float32)
-    if original.shape[-1] != 4:
-        return with_rgb(torch.nn.functional.interpolate(original.movedim(-1, 1), size=(height, width),
-                                                        mode="bilinear").movedim(1, -1), 0, rgb)
-    alpha = torch.nn.functional.interpolate(original[..., 3:].movedim(-1, 1), size=(height, width),
-                                            mode="bilinear").movedim(1, -1)[0]
-    return torch.cat([torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)), alpha], dim=-1)
-
-
-def crops_to_tensor(crops: list[np.ndarray], size: int) -> torch.Tensor:
-    """Aligned face crops as an IMAGE batch; an empty ``[0,S,S,3]`` batch when there are none."""
+def crops_to_image(crops: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Aligned face crops ``[3,S,S]`` as an IMAGE batch on the CPU; an empty ``[0,S,S,3]``
+    batch when there are none."""
     if not crops:
         return torch.zeros((0, size, size, 3), dtype=torch.float32)
-    return torch.from_numpy(np.stack(crops).astype(np.float32, copy=False))
+    return torch.stack([c.to("cpu", torch.float32) for c in crops]).movedim(1, -1).contiguous()
+
+
+def image_to_crop(crops: torch.Tensor, index: int, device: torch.device | str) -> torch.Tensor:
+    """Crop ``index`` of an IMAGE batch as ``[3,S,S]`` RGB on ``device``: a view where no
+    transfer is needed (crops are large; whoever computes with them clamps the result)."""
+    crop = crops[index, ..., :3].detach().to(device=device, dtype=torch.float32)
+    if crop.shape[-1] == 1:
+        crop = crop.expand(-1, -1, 3)
+    return crop.movedim(-1, 0)
 
 
 def crops_to_model(crops: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,14 @@ their exact facexlib file names. A missing file is a clear error, never a downlo
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
+from kornia.filters import gaussian_blur2d
 
+from .align import resize
 from .faces import DetectorError, find_weights, load_facexlib_net
 
 PARSERS = {
@@ -29,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FaceParser:
-    """A loaded parsing network: ``mask(crop)`` -> soft 0..1 face mask at the crop's size."""
+    """A loaded parsing network: ``mask(crop)`` -> soft 0..1 face mask for the crop."""
 
     def __init__(self, name: str, weights: Path, device: str = "cpu"):
         from facexlib.parsing import BiSeNet, ParseNet
@@ -41,34 +42,36 @@ class FaceParser:
         self.device = torch.device(device)
         self.net = net.eval().to(self.device)
 
-    def labels(self, crop: np.ndarray) -> np.ndarray:
-        """Per-pixel class (0..18) of a float32 RGB crop, at ``PARSE_SIZE``."""
-        face = cv2.resize(crop, (PARSE_SIZE, PARSE_SIZE), interpolation=cv2.INTER_AREA)
-        x = torch.from_numpy(np.ascontiguousarray(face)).permute(2, 0, 1)[None].to(self.device)
+    def labels(self, crop: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class (0..18) of an RGB crop ``[3,S,S]`` in 0..1, at ``PARSE_SIZE``."""
+        x = resize(crop.to(self.device, torch.float32), PARSE_SIZE, PARSE_SIZE)[None]
         if self.name == "bisenet":
-            x = (x - torch.tensor(IMAGENET_MEAN, device=self.device)[:, None, None]) / \
-                torch.tensor(IMAGENET_STD, device=self.device)[:, None, None]
+            mean = torch.tensor(IMAGENET_MEAN, device=self.device)[:, None, None]
+            std = torch.tensor(IMAGENET_STD, device=self.device)[:, None, None]
+            x = (x - mean) / std
         else:
             x = x * 2 - 1
         with torch.no_grad():
             logits = self.net(x)[0]
-        return logits.argmax(1)[0].cpu().numpy()
+        return logits.argmax(1)[0]
 
-    def mask(self, crop: np.ndarray, feather: float) -> np.ndarray:
-        """Soft mask: face classes, feathered by ``feather`` of the crop size, edges faded out."""
-        size = crop.shape[0]
-        hard = (~np.isin(self.labels(crop), NOT_FACE)).astype(np.float32)
-        hard = cv2.resize(hard, (size, size), interpolation=cv2.INTER_LINEAR)
-        sigma = max(feather * size / 4, 0.5)
-        soft = cv2.GaussianBlur(hard, (0, 0), sigmaX=sigma, sigmaY=sigma)
-        return soft * border_fade(size, feather)
+    def mask(self, crop: torch.Tensor, feather: float) -> torch.Tensor:
+        """Soft face mask at ``PARSE_SIZE`` on the crop's device: face classes, feathered by
+        ``feather`` of the crop, faded out towards the crop's edges (no square seams)."""
+        face = ~torch.isin(self.labels(crop), torch.tensor(NOT_FACE, device=self.device))
+        sigma = max(feather * PARSE_SIZE / 4, 0.5)
+        radius = math.ceil(3 * sigma)
+        soft = gaussian_blur2d(face.float()[None, None], (2 * radius + 1,) * 2, (sigma, sigma),
+                               border_type="replicate")[0, 0]
+        return (soft * border_fade(PARSE_SIZE, feather, self.device)).clamp_(0.0, 1.0).to(crop.device)
 
 
-def border_fade(size: int, feather: float) -> np.ndarray:
-    """1 in the middle of a crop, falling smoothly to 0 at its edges (no square seams)."""
-    ramp = np.clip(np.minimum(np.arange(size), np.arange(size)[::-1]) / max(feather * size, 1.0), 0, 1)
+def border_fade(size: int, feather: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """1 in the middle of a crop, falling smoothly to 0 at its edges."""
+    steps = torch.arange(size, dtype=torch.float32, device=device)
+    ramp = (torch.minimum(steps, steps.flip(0)) / max(feather * size, 1.0)).clamp(0, 1)
     ramp = ramp * ramp * (3 - 2 * ramp)
-    return np.outer(ramp, ramp).astype(np.float32)
+    return torch.outer(ramp, ramp)
 
 
 def parser_path(name: str, model_dirs: Sequence[str | Path]) -> Path:

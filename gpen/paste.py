@@ -1,155 +1,196 @@
 """Paste restored faces back: face-shaped masks, colour matching, seam-free composite.
 
-Masks are built on the aligned crop (so the feather is relative to the face, at any model
-size) and warped back with the face. All faces of a frame are composited in one pass:
-overlapping faces are averaged by mask weight instead of one cutting an edge into another, and
-the final blend is multi-band (Laplacian pyramid), so low frequencies meet over a wide band and
-fine detail over a narrow one: no visible rim where the mask ends.
+All of it is torch ops on the device the frame is on. Masks are built on the aligned crop (so
+the feather is relative to the face, at any model size) and warped back with the face. When a
+crop is finer than the frame, the crop, the original it was cut from and the mask are first
+reduced (anti-aliased) to about the face's footprint in the frame: colour matching and the warp
+back then work at the resolution the frame can show, whatever the model size. All faces of a
+frame are composited in one pass: overlapping faces are averaged by mask weight instead of one
+cutting an edge into another, and the final blend is multi-band (Laplacian pyramid), so low
+frequencies meet over a wide band and fine detail over a narrow one: no visible rim.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from .align import invert_affine
-from .options import BLENDS
+from .align import (Region, affine_scale, bounding_region, invert_affine, preimage, resize, scaled, shifted,
+                    warp)
 
 # Face ellipse on the 512 template: centre between the eyes and mouth, from brow to chin.
 MASK_CENTER_512 = (256.0, 290.0)
 MASK_AXES_512 = (172.0, 212.0)
 MAX_LEVELS = 5
+RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
-def face_mask(size: int, feather: float = 0.15) -> np.ndarray:
-    """Soft elliptical face mask on a ``size`` crop, 1 inside, 0 at the ellipse edge.
+def face_mask(size: int, feather: float = 0.15, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Soft elliptical face mask ``[size, size]`` on a crop, 1 inside, 0 at the ellipse edge.
 
-    ``feather`` is the width of the fall-off as a fraction of the ellipse radius.
+    ``feather`` is the width of the fall-off as a fraction of the ellipse radius. Defined on the
+    template, so the mask of a reduced crop is the reduced mask.
     """
     scale = size / 512.0
     cx, cy = (c * scale for c in MASK_CENTER_512)
     ax, ay = (a * scale for a in MASK_AXES_512)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    radius = np.sqrt(((xs - cx) / ax) ** 2 + ((ys - cy) / ay) ** 2)
-    ramp = np.clip((1.0 - radius) / max(float(feather), 1e-3), 0.0, 1.0)
-    return (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)  # smoothstep: no kink at the ends
+    coords = torch.arange(size, dtype=torch.float32, device=device) + 0.5
+    radius = torch.sqrt(((coords[None, :] - cx) / ax) ** 2 + ((coords[:, None] - cy) / ay) ** 2)
+    ramp = ((1.0 - radius) / max(float(feather), 1e-3)).clamp_(0.0, 1.0)
+    return ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep: no kink at the ends
 
 
-def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Give ``restored`` the LAB mean and spread of ``original`` inside ``mask`` (both crops).
+def match_colour(restored: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Give ``restored`` ``[3,S,S]`` the luma/chroma mean and spread of ``original`` inside
+    ``mask``.
 
-    Restoration models drift skin tone; matching first and second moments in a perceptual space
-    undoes the drift without touching the restored detail's structure.
+    Restoration models drift skin tone; matching the first and second moments of Y, Cb and Cr
+    undoes the drift without touching the restored detail's structure. YCbCr is a linear
+    transform of RGB, so the whole correction is one 3x3 affine map of the pixels, computed from
+    the two crops' weighted colour covariances: cheap on any device at any crop size.
     """
-    weights = mask.astype(np.float64)
+    weights = mask.reshape(-1).double()
     total = weights.sum()
     if total < 1.0:
         return restored
-    lab_r = cv2.cvtColor(np.clip(restored, 0, 1).astype(np.float32), cv2.COLOR_RGB2Lab)
-    lab_o = cv2.cvtColor(np.clip(original, 0, 1).astype(np.float32), cv2.COLOR_RGB2Lab)
-    out = np.empty_like(lab_r)
-    for c in range(3):
-        mean_r = (lab_r[..., c] * weights).sum() / total
-        mean_o = (lab_o[..., c] * weights).sum() / total
-        std_r = math.sqrt(((lab_r[..., c] - mean_r) ** 2 * weights).sum() / total)
-        std_o = math.sqrt(((lab_o[..., c] - mean_o) ** 2 * weights).sum() / total)
-        gain = float(np.clip(std_o / std_r, 0.5, 2.0)) if std_r > 1e-3 else 1.0
-        out[..., c] = (lab_r[..., c] - mean_r) * gain + mean_o
-    return np.clip(cv2.cvtColor(out, cv2.COLOR_Lab2RGB), 0, 1)
+
+    def moments(crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = crop.reshape(3, -1).double()
+        mean = pixels @ weights / total
+        centred = pixels - mean[:, None]
+        covariance = (centred * weights) @ centred.T / total
+        return mean, covariance
+
+    mean_r, cov_r = moments(restored)
+    mean_o, cov_o = moments(original)
+    to_ycc = torch.tensor(RGB_TO_YCBCR, dtype=torch.float64, device=restored.device)
+    std_r = torch.einsum("ci,ij,cj->c", to_ycc, cov_r, to_ycc).clamp_min(0).sqrt()
+    std_o = torch.einsum("ci,ij,cj->c", to_ycc, cov_o, to_ycc).clamp_min(0).sqrt()
+    gain = torch.where(std_r > 1e-3, (std_o / std_r.clamp_min(1e-3)).clamp(0.5, 2.0), torch.ones_like(std_r))
+    # In YCbCr: y' = gain * (y - mean_r) + mean_o; back in RGB that is one affine map.
+    matrix = torch.linalg.inv(to_ycc) @ torch.diag(gain) @ to_ycc
+    offset = mean_o - matrix @ mean_r
+    out = matrix.to(restored.dtype) @ restored.reshape(3, -1) + offset.to(restored.dtype)[:, None]
+    return out.reshape(restored.shape).clamp_(0.0, 1.0)
 
 
-def footprint(affine: np.ndarray, crop_size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
-    """Integer (x0, y0, x1, y1) of the frame region a crop maps back onto, or None if outside."""
-    inverse = invert_affine(affine)
-    corners = np.array([[0, 0, 1], [crop_size, 0, 1], [0, crop_size, 1], [crop_size, crop_size, 1]], float)
-    points = corners @ inverse.T
-    x0 = max(0, math.floor(points[:, 0].min()) - 1)
-    y0 = max(0, math.floor(points[:, 1].min()) - 1)
-    x1 = min(width, math.ceil(points[:, 0].max()) + 2)
-    y1 = min(height, math.ceil(points[:, 1].max()) + 2)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return x0, y0, x1, y1
+def _down(image: torch.Tensor) -> torch.Tensor:
+    """Burt-Adelson reduction of ``[C,H,W]``: 5-tap binomial blur evaluated only at the kept
+    (even) pixels, borders replicated; ``ceil(H/2) x ceil(W/2)``, as OpenCV's pyrDown."""
+    x = F.pad(image[None], (2, 2, 2, 2), mode="replicate")[0]
+    x = x[:, :, 0:-4:2] + x[:, :, 4::2] + 4.0 * (x[:, :, 1:-3:2] + x[:, :, 3:-1:2]) + 6.0 * x[:, :, 2:-2:2]
+    x = x[:, 0:-4:2] + x[:, 4::2] + 4.0 * (x[:, 1:-3:2] + x[:, 3:-1:2]) + 6.0 * x[:, 2:-2:2]
+    return x / 256.0
 
 
-def warp_back(crop: np.ndarray, affine: np.ndarray, region: tuple[int, int, int, int],
-              interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-    """Inverse-warp ``crop`` (HxW or HxWxC) into the frame ``region`` only."""
-    x0, y0, x1, y1 = region
-    inverse = invert_affine(affine)
-    inverse[:, 2] -= (x0, y0)
-    return cv2.warpAffine(crop, inverse, (x1 - x0, y1 - y0), flags=interpolation,
-                          borderMode=cv2.BORDER_REPLICATE)
+def _up(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Back to ``height`` x ``width`` (bilinear). Any expansion works for the blend, as long as
+    decomposition and reconstruction use the same one: a mask of 1 returns the foreground."""
+    return F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def laplacian_blend(background: np.ndarray, foreground: np.ndarray, mask: np.ndarray,
-                    levels: int) -> np.ndarray:
-    """Multi-band blend: each frequency band mixed with a mask blurred to that band's scale."""
+def laplacian_blend(background: torch.Tensor, foreground: torch.Tensor, mask: torch.Tensor,
+                    levels: int) -> torch.Tensor:
+    """Multi-band blend of ``[C,H,W]`` images: each frequency band mixed with a mask blurred to
+    that band's scale."""
     if levels <= 1:
-        return background + (foreground - background) * mask[..., None]
-    diff = foreground - background  # blending the difference keeps far-away pixels exact
-    gaussians_d, gaussians_m = [diff], [mask]
+        return background + (foreground - background) * mask
+    # Blending the difference keeps far-away pixels exact; diff and mask are reduced together.
+    pyramid = [torch.cat([foreground - background, mask[None]])]
     for _ in range(levels - 1):
-        gaussians_d.append(cv2.pyrDown(gaussians_d[-1]))
-        gaussians_m.append(cv2.pyrDown(gaussians_m[-1]))
-    blended = gaussians_d[-1] * gaussians_m[-1][..., None]
+        pyramid.append(_down(pyramid[-1]))
+    blended = pyramid[-1][:3] * pyramid[-1][3:]
     for level in range(levels - 2, -1, -1):
-        size = gaussians_d[level].shape[1::-1]
-        band = gaussians_d[level] - cv2.pyrUp(gaussians_d[level + 1], dstsize=size)
-        blended = cv2.pyrUp(blended, dstsize=size) + band * gaussians_m[level][..., None]
+        h, w = pyramid[level].shape[1:]
+        band = pyramid[level][:3] - _up(pyramid[level + 1][:3], h, w)
+        blended = _up(blended, h, w) + band * pyramid[level][3:]
     return background + blended
 
 
-def paste_faces(frame: np.ndarray, crops: list[np.ndarray], affines: list[np.ndarray],
-                masks: list[np.ndarray], blend: str = "multiband",
-                originals: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Composite ``crops`` (each with its image->crop ``affine`` and crop-space ``mask``) into a
-    float32 RGB ``frame``; returns (image, coverage mask). Work stays in the faces' region.
+@dataclass
+class PastedFace:
+    """One face ready to composite: its colour and weight over its region of the frame."""
 
-    Where a face has its unrestored crop in ``originals``, only the change the restorer made
-    (restored - original) is warped back onto the frame: what the restorer left alone keeps the
-    frame's own pixels instead of a twice-resampled copy of them.
+    region: Region
+    colour: torch.Tensor  # [3, h, w]
+    weight: torch.Tensor  # [h, w]
+
+
+def place_face(background: torch.Tensor, restored: torch.Tensor, original: torch.Tensor,
+               affine: np.ndarray, colour: bool, feather: float, parsed: torch.Tensor | None = None,
+               change_only: bool = True) -> PastedFace | None:
+    """Warp one restored crop ``[3,S,S]`` into ``background`` ``[3,H,W]`` through a soft face
+    mask: the face ellipse with ``feather``, or a face-parsing mask ``parsed`` (any size, resized
+    to the crop's). ``affine`` maps background pixels to crop pixels.
+
+    ``original`` is the unrestored crop (same size) it was cut from. A crop finer than the
+    background is first reduced to its footprint's resolution, and so is ``original``. With
+    ``change_only`` (for a crop at least as fine as the frame it was cut from) only the change
+    the restorer made is warped back, so what it left alone keeps the background's own pixels
+    (exact for an identity restorer); otherwise (a face larger than the model) the restored face
+    replaces the original, so unrestored fine detail cannot leak through. Returns None when the
+    face is off-frame.
     """
-    originals = originals or [None] * len(crops)
-    if blend not in BLENDS:
-        raise ValueError(f"Unknown blend '{blend}'; choose one of {', '.join(BLENDS)}.")
-    height, width = frame.shape[:2]
-    out = frame.astype(np.float32, copy=True)
-    coverage_full = np.zeros((height, width), np.float32)
-    placed = [(crop, affine, mask, original, region)
-              for crop, affine, mask, original in zip(crops, affines, masks, originals)
-              if (region := footprint(affine, crop.shape[0], height, width)) is not None]
-    if not placed:
-        return out, coverage_full
-    # The region of all faces, with a margin for the pyramid's widest band.
-    margin = 2 ** MAX_LEVELS if blend == "multiband" else 0
-    bx0 = max(0, min(r[0] for *_, r in placed) - margin)
-    by0 = max(0, min(r[1] for *_, r in placed) - margin)
-    bx1 = min(width, max(r[2] for *_, r in placed) + margin)
-    by1 = min(height, max(r[3] for *_, r in placed) + margin)
-    background = out[by0:by1, bx0:bx1]
-    colour_sum = np.zeros_like(background)
-    weight_sum = np.zeros(background.shape[:2], np.float32)
+    height, width = background.shape[1:]
+    size = restored.shape[-1]
+    region = bounding_region(preimage(affine, size, size), width, height, margin=1)
+    if region is None:
+        return None
+    x0, y0, x1, y1 = region
+    scale = affine_scale(affine)
+    if scale > 1.0:  # reduce to the footprint: about one crop pixel per background pixel
+        small = max(1, round(size / scale))
+        restored, original = resize(restored, small, small), resize(original, small, small)
+        affine = scaled(affine, small / size)
+        size = small
+    if parsed is None:
+        mask = face_mask(size, feather, background.device)
+    else:
+        mask = resize(parsed[None], size, size)[0].clamp_(0.0, 1.0)
+    if colour:
+        restored = match_colour(restored, original, mask)
+    back = shifted(invert_affine(affine), -x0, -y0)  # crop pixel -> region pixel
+    w, h = x1 - x0, y1 - y0
+    weight = warp(mask[None], back, w, h, "bilinear", "zeros")[0].clamp_(0.0, 1.0)
+    if change_only:
+        change = warp(restored - original, back, w, h, "bicubic", "zeros")
+        face = background[:, y0:y1, x0:x1] + change
+    else:
+        face = warp(restored, back, w, h, "bicubic", "border")
+    return PastedFace(region, face.clamp_(0.0, 1.0), weight)
+
+
+def composite(background: torch.Tensor, faces: list[PastedFace], blend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Composite placed faces into ``background`` ``[3,H,W]``, in place; returns it and the
+    coverage mask ``[H,W]``. Work stays in the faces' region; overlapping faces are averaged by
+    weight."""
+    height, width = background.shape[1:]
+    coverage_full = background.new_zeros(height, width)
+    if not faces:
+        return background, coverage_full
+    margin = 2 ** MAX_LEVELS if blend == "multiband" else 0  # room for the pyramid's widest band
+    bx0 = max(0, min(f.region[0] for f in faces) - margin)
+    by0 = max(0, min(f.region[1] for f in faces) - margin)
+    bx1 = min(width, max(f.region[2] for f in faces) + margin)
+    by1 = min(height, max(f.region[3] for f in faces) + margin)
+    base = background[:, by0:by1, bx0:bx1]
+    colour_sum = torch.zeros_like(base)
+    weight_sum = base.new_zeros(base.shape[1:])
     coverage = coverage_full[by0:by1, bx0:bx1]  # a view: 1 - prod(1 - m), the union of soft masks
-    for crop, affine, mask, original, region in placed:
-        soft = warp_back(np.ascontiguousarray(mask, np.float32), affine, region)
-        x0, y0, x1, y1 = region[0] - bx0, region[1] - by0, region[2] - bx0, region[3] - by0
-        if original is None:
-            face = warp_back(np.ascontiguousarray(crop, np.float32), affine, region, cv2.INTER_LANCZOS4)
-        else:
-            change = np.ascontiguousarray(crop - original, np.float32)
-            face = background[y0:y1, x0:x1] + warp_back(change, affine, region, cv2.INTER_LANCZOS4)
-        face = np.clip(face, 0, 1)
-        colour_sum[y0:y1, x0:x1] += face * soft[..., None]
-        weight_sum[y0:y1, x0:x1] += soft
-        coverage[y0:y1, x0:x1] = 1.0 - (1.0 - coverage[y0:y1, x0:x1]) * (1.0 - soft)
+    for face in faces:
+        x0, y0, x1, y1 = face.region[0] - bx0, face.region[1] - by0, face.region[2] - bx0, face.region[3] - by0
+        colour_sum[:, y0:y1, x0:x1] += face.colour * face.weight
+        weight_sum[y0:y1, x0:x1] += face.weight
+        coverage[y0:y1, x0:x1] = 1.0 - (1.0 - coverage[y0:y1, x0:x1]) * (1.0 - face.weight)
     # Faces averaged by weight, fading to the background where the weights fade (continuous).
-    fill = np.clip(1.0 - weight_sum, 0.0, 1.0)
-    faces = (colour_sum + background * fill[..., None]) / (weight_sum + fill)[..., None]
+    fill = (1.0 - weight_sum).clamp_(0.0, 1.0)
+    mixed = (colour_sum + base * fill) / (weight_sum + fill)
     levels = 1
     if blend == "multiband":
-        levels = max(1, min(MAX_LEVELS, int(math.log2(max(min(background.shape[:2]), 1))) - 2))
-    out[by0:by1, bx0:bx1] = laplacian_blend(background, faces, coverage, levels)
-    return out, coverage_full
+        levels = max(1, min(MAX_LEVELS, int(math.log2(max(min(base.shape[1:]), 1))) - 2))
+    background[:, by0:by1, bx0:bx1] = laplacian_blend(base, mixed, coverage, levels)
+    return background, coverage_full

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import cv2
 import numpy as np
 import torch
 
 from . import image as im
-from .align import affine_scale, align_face, warp_to_crop
-from .faces import Detector, Face, FaceSet, detect_frame, select_faces
+from .align import affine_scale, alignment, cut_crop, resize
+from .faces import Detector, FaceSet, detect_frame, select_faces
 from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
-from .paste import face_mask, match_colour, paste_faces
+from .paste import composite, place_face
 from .temporal import smooth_landmarks, track
 
 BatchCallback = Callable[[int, int], None]
-Upscaler = Callable[[np.ndarray, int, int], np.ndarray]
+Upscaler = Callable[[torch.Tensor, int, int], torch.Tensor]  # [3,H,W] frame, width, height
 
 
 def detect(image: torch.Tensor, detector: Detector, options: DetectOptions = DetectOptions(),
@@ -32,7 +31,7 @@ def detect(image: torch.Tensor, detector: Detector, options: DetectOptions = Det
     im.check_image(image)
     frames = []
     for index in range(image.shape[0]):
-        rgb = im.to_uint8(im.frame_rgb(image, index))
+        rgb = im.frame_uint8(image, index)
         found = detect_frame(detector, rgb, options.threshold)
         frames.append(select_faces(found, options))
         if on_frame:
@@ -56,18 +55,20 @@ def check_faces_match(image: torch.Tensor, faces: FaceSet, node: str) -> None:
                          f"Faces and to this node.")
 
 
-def align(image: torch.Tensor, faces: FaceSet, size: int) -> tuple[torch.Tensor, FaceSet]:
-    """Cut every selected face at ``size``; returns the crops and the FACES with transforms."""
+def align(image: torch.Tensor, faces: FaceSet, size: int,
+          device: torch.device | str = "cpu") -> tuple[torch.Tensor, FaceSet]:
+    """Cut every selected face at ``size`` (on ``device``, one transfer per frame); returns the
+    crops as an IMAGE batch and the FACES with their transforms and unrestored crops."""
     check_faces_match(image, faces, "GPEN Restore")
     crops, affines = [], []
-    frame_cache: dict[int, np.ndarray] = {}
-    for index, face in faces.flat():
-        if index not in frame_cache:
-            frame_cache = {index: im.frame_rgb(image, index)}
-        crop, affine = align_face(frame_cache[index], face.landmarks, size)
-        crops.append(crop)
-        affines.append(affine)
-    return im.crops_to_tensor(crops, size), faces.with_alignment(affines, size)
+    for index, members in faces.by_frame().items():
+        frame = im.frame_tensor(image, index, device)
+        for face in members:
+            affine = alignment(face.landmarks, size)
+            crops.append(cut_crop(frame, affine, size))
+            affines.append(affine)
+    batch = im.crops_to_image(crops, size)
+    return batch, faces.with_alignment(affines, size, originals=batch)
 
 
 def activation_bytes(size: int, dtype: torch.dtype) -> int:
@@ -109,15 +110,17 @@ def restore(model: torch.nn.Module, crops: torch.Tensor, options: RestoreOptions
     return out
 
 
-def lanczos(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.clip(cv2.resize(frame, (width, height), interpolation=cv2.INTER_LANCZOS4), 0, 1)
+def enlarge(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A ``[3,H,W]`` frame resized to ``width`` x ``height`` (bicubic; anti-aliased if it shrinks):
+    the default background for ``upscale``."""
+    return resize(frame, height, width).clamp_(0.0, 1.0)
 
 
 def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet,
-          options: PasteOptions = PasteOptions(), upscaler: Upscaler = lanczos,
-          parser: FaceParser | None = None,
-          on_frame: BatchCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste restored crops onto their frames; returns (IMAGE, MASK).
+          options: PasteOptions = PasteOptions(), upscaler: Upscaler = enlarge,
+          parser: FaceParser | None = None, on_frame: BatchCallback | None = None,
+          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste restored crops onto their frames on ``device``; returns (IMAGE, MASK) on the CPU.
 
     ``options.upscale`` enlarges the background with ``upscaler`` and pastes the faces at the
     restored resolution. Frames without faces pass through unchanged (only resized when
@@ -135,46 +138,46 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet,
                          "GPEN Restore 2048, not of Detect Faces.")
     if crops.shape[1] != crops.shape[2]:
         raise ValueError(f"Paste Back: restored faces must be square; got {crops.shape[2]}x{crops.shape[1]}.")
-    feather, colour, blend, upscale = options.feather, options.colour, options.blend, options.upscale
     height, width = image.shape[1], image.shape[2]
+    upscale = options.upscale
     out_h, out_w = round(height * upscale), round(width * upscale)
     size = crops.shape[1]
     # Crops may have been resized by other nodes since alignment: rescale the transforms to match.
     rescale = size / faces.crop_size if faces.count else 1.0
-    ellipse = face_mask(size, feather)
-    images, masks = [], []
-    by_frame: dict[int, list[tuple[int, Face]]] = {}
-    for k, (index, face) in enumerate(faces.flat()):
-        by_frame.setdefault(index, []).append((k, face))
+    originals = faces.originals if faces.originals is not None and faces.originals.shape[1] == size else None
+    by_frame = faces.by_frame()
+    images = im.output_batch(image, out_h, out_w)
+    masks = torch.zeros((image.shape[0], out_h, out_w), dtype=torch.float32)
+    # On the CPU an RGB frame is composited right in its slot of the output batch.
+    in_place = torch.device(device).type == "cpu" and upscale == 1.0 and image.shape[-1] == 3
+    flat_index = 0
     for index in range(image.shape[0]):
         members = by_frame.get(index, [])
         if not members and upscale == 1.0:
-            images.append(image[index].detach().to("cpu", torch.float32))
-            masks.append(torch.zeros((height, width), dtype=torch.float32))
+            images[index] = image[index].detach()
         else:
-            frame = im.frame_rgb(image, index)
+            frame = im.frame_tensor(image, index, device, into=images[index] if in_place else None)
             background = frame if upscale == 1.0 else upscaler(frame, out_w, out_h)
-            face_crops, affines, face_masks, originals = [], [], [], []
-            for k, face in members:
+            placed = []
+            for face in members:
                 affine = face.affine * rescale
-                crop = np.clip(crops[k, ..., :3].detach().to("cpu", torch.float32).numpy(), 0, 1)
-                mask = parser.mask(crop, feather) if parser else ellipse
-                original = warp_to_crop(frame, affine, size)
-                if colour:
-                    crop = match_colour(crop, original, mask)
-                # A crop at least as fine as the frame holds all of the frame's detail, so pasting
-                # only the restorer's change is exact where it changed nothing. A coarser crop
-                # (a face larger than the model) would let unrestored fine detail through: replace.
-                originals.append(original if affine_scale(affine) >= 1.0 else None)
+                restored = im.image_to_crop(crops, flat_index, device)
+                original = (im.image_to_crop(originals, flat_index, device) if originals is not None
+                            else cut_crop(frame, affine, size))
+                parsed = parser.mask(restored, options.feather) if parser else None
+                # A crop at least as fine as its frame holds all of the frame's detail, so only
+                # the restorer's change is pasted, also onto an enlarged background.
+                change_only = affine_scale(affine) >= 1.0
                 # Background pixels are ``upscale`` times smaller: image->crop shrinks by as much.
                 affine = np.hstack([affine[:, :2] / upscale, affine[:, 2:]])
-                face_crops.append(crop)
-                affines.append(affine)
-                face_masks.append(mask)
-            result, mask = paste_faces(background, face_crops, affines, face_masks, blend, originals)
-            images.append(im.with_rgb(image, index, result) if upscale == 1.0
-                          else im.with_rgb_resized(image, index, result))
-            masks.append(torch.from_numpy(mask))
+                face_on_frame = place_face(background, restored, original, affine, options.colour,
+                                           options.feather, parsed, change_only)
+                if face_on_frame is not None:
+                    placed.append(face_on_frame)
+                flat_index += 1
+            result, masks[index] = composite(background, placed, options.blend)
+            if not in_place:
+                im.put_rgb(images, index, image, result)
         if on_frame:
             on_frame(index + 1, image.shape[0])
-    return torch.stack(images), torch.stack(masks)
+    return images, masks

@@ -66,6 +66,14 @@ def astro(astronaut) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
+def frame_1080p(astronaut) -> torch.Tensor:
+    """The astronaut scaled into a 1920x1080 frame (face about 400 px): a video-sized frame."""
+    canvas = np.full((1080, 1920, 3), 128, np.uint8)
+    canvas[:, 420:1500] = cv2.resize(astronaut, (1080, 1080), interpolation=cv2.INTER_CUBIC)
+    return as_image(canvas)
+
+
+@pytest.fixture(scope="session")
 def mtcnn():
     from gpen.faces import load_detector
 

@@ -45,3 +45,13 @@ def test_benchmark_script_reports_every_path(capsys):
     for row in rows:
         assert row["ms_per_face"] > 0 and row["peak_mib"] > 0 and row["psnr"] > 60
     assert "vs fp32" in capsys.readouterr().out
+
+
+def test_stage_benchmark_times_every_stage(capsys):
+    rows = bench_main(["--stages", "--sizes", "32", "64", "--repeats", "1"])
+    assert [r["size"] for r in rows] == [32, 64]
+    for row in rows:
+        for stage in ("detect_ms", "align_ms", "restore_ms", "paste_ms"):
+            assert row[stage] > 0
+        assert row["overhead_ms"] == row["detect_ms"] + row["align_ms"] + row["paste_ms"]
+    assert "1 face(s)" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import psutil
 import pytest
 import torch
 
+from conftest import as_image
 from gpen import pipeline
 from gpen.faces import load_detector
 
@@ -67,8 +68,7 @@ def test_restore_workflow_changes_only_the_face(served, astronaut):
     diff = np.abs(out.astype(int) - astronaut.astype(int)).max(-1)
     changed = diff > 2  # visibly changed; the multiband blend leaves faint traces a bit wider
     assert changed.sum() > 2000  # the random-weight face really was pasted
-    face = pipeline.detect(pipeline.im.crops_to_tensor([astronaut / 255.0], 512).float(),
-                           load_detector("mtcnn")).frames[0][0]
+    face = pipeline.detect(as_image(astronaut), load_detector("mtcnn")).frames[0][0]
     x0, y0, x1, y1 = face.box
     pad_x, pad_y = 0.5 * (x1 - x0), 0.5 * (y1 - y0)
     for pixels in (np.nonzero(changed), np.nonzero(mask)):
