@@ -26,6 +26,7 @@ RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
 DETECT_MAX_SIDE = 1500  # larger frames are shrunk for detection only, as the authors do
 DETECT_SHRINK_TO = 1000
 DETECT_MIN_SIDE = 20  # MTCNN finds nothing smaller (its minimum face size), and crashes on it
+NEAR_FACE_SIZE = 112  # face size for re-detection in a window around a tracked face
 
 
 class DetectorError(ValueError):
@@ -177,20 +178,58 @@ def load_detector(name: str, model_dirs: tuple[str, ...] = (), device: str = "cp
                             ) from None
 
 
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _detect_scaled(detector: Detector, rgb: np.ndarray, threshold: float, scale: float,
+                   origin: tuple[float, float] = (0.0, 0.0)) -> list[Face]:
+    """Detect on ``rgb`` resized by ``scale``; faces in the coordinates of the image ``rgb`` was
+    cut from at ``origin``."""
+    height, width = rgb.shape[:2]
+    if scale != 1.0:
+        rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
+                         interpolation=cv2.INTER_AREA)
+    if min(rgb.shape[:2]) < DETECT_MIN_SIDE:
+        return []
+    shift = np.asarray(origin)
+    return [replace(f, box=(f.box[0] / scale + shift[0], f.box[1] / scale + shift[1],
+                            f.box[2] / scale + shift[0], f.box[3] / scale + shift[1]),
+                    landmarks=f.landmarks / scale + shift)
+            for f in detector.detect(np.ascontiguousarray(rgb), threshold)]
+
+
 def detect_frame(detector: Detector, rgb: np.ndarray, threshold: float) -> list[Face]:
     """Detect on one uint8 RGB frame, shrinking very large frames for detection only."""
     height, width = rgb.shape[:2]
     if min(height, width) < DETECT_MIN_SIDE:
         return []
-    scale = 1.0
-    if max(height, width) > DETECT_MAX_SIDE:
-        scale = DETECT_SHRINK_TO / max(height, width)
-        rgb = cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-    faces = detector.detect(rgb, threshold)
-    if scale != 1.0:
-        faces = [replace(f, box=tuple(v / scale for v in f.box), landmarks=f.landmarks / scale)
-                 for f in faces]
-    return faces
+    scale = DETECT_SHRINK_TO / max(height, width) if max(height, width) > DETECT_MAX_SIDE else 1.0
+    return _detect_scaled(detector, rgb, threshold, scale)
+
+
+def detect_near(detector: Detector, rgb: np.ndarray, box: tuple[float, ...], threshold: float) -> Face | None:
+    """Find again the face that was at ``box``: detect only in a window of twice its size
+    around it, scaled so the face is about ``NEAR_FACE_SIZE`` pixels (the detectors' landmark
+    stage sees a face at 48 px or less anyway), and keep the best overlap. A fraction of a
+    full-frame detection's cost for a video's next frame."""
+    height, width = rgb.shape[:2]
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = max(0, int(cx - side)), max(0, int(cy - side))
+    right, bottom = min(width, int(cx + side) + 1), min(height, int(cy + side) + 1)
+    if right - left < DETECT_MIN_SIDE or bottom - top < DETECT_MIN_SIDE:
+        return None
+    scale = min(1.0, NEAR_FACE_SIZE / max(side, 1.0))
+    found = _detect_scaled(detector, rgb[top:bottom, left:right], threshold, scale, (left, top))
+    best = max(found, key=lambda f: iou(f.box, box), default=None)
+    return best if best is not None and iou(best.box, box) > 0 else None
 
 
 def select_faces(faces: list[Face], options: DetectOptions) -> list[Face]:

@@ -67,12 +67,9 @@ def put_rgb(out: torch.Tensor, index: int, image: torch.Tensor, rgb: torch.Tenso
         target[..., 3:].copy_(alpha)
 
 
-def crops_to_image(crops: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Aligned face crops ``[3,S,S]`` as an IMAGE batch on the CPU; an empty ``[0,S,S,3]``
-    batch when there are none."""
-    if not crops:
-        return torch.zeros((0, size, size, 3), dtype=torch.float32)
-    return torch.stack([c.to("cpu", torch.float32) for c in crops]).movedim(1, -1).contiguous()
+def crops_to_image(crops: torch.Tensor) -> torch.Tensor:
+    """Face crops ``[N,3,S,S]`` as an IMAGE batch ``[N,S,S,3]`` on the CPU."""
+    return crops.detach().to("cpu", torch.float32).movedim(1, -1).contiguous()
 
 
 def image_to_crop(crops: torch.Tensor, index: int, device: torch.device | str) -> torch.Tensor:
@@ -82,13 +79,3 @@ def image_to_crop(crops: torch.Tensor, index: int, device: torch.device | str) -
     if crop.shape[-1] == 1:
         crop = crop.expand(-1, -1, 3)
     return crop.movedim(-1, 0)
-
-
-def crops_to_model(crops: torch.Tensor) -> torch.Tensor:
-    """IMAGE ``[N,S,S,3]`` in 0..1 -> model input ``[N,3,S,S]`` in -1..1."""
-    return crops.movedim(-1, 1) * 2.0 - 1.0
-
-
-def model_to_crops(output: torch.Tensor) -> torch.Tensor:
-    """Model output ``[N,3,S,S]`` (unbounded) -> IMAGE ``[N,S,S,3]`` clipped to 0..1."""
-    return ((output.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)

@@ -49,6 +49,7 @@ class DetectOptions:
     min_size: float = 0.0  # shorter box side, pixels
     indices: tuple[int, ...] = ()  # positions in the order; () = all
     smoothing: float = 0.0  # One-Euro landmark smoothing over frames, 0 = off
+    redetect_every: int = 1  # video: search whole frames this often, follow found faces between
 
     def __post_init__(self) -> None:
         _choice("detector", self.detector, DETECTORS)
@@ -57,6 +58,8 @@ class DetectOptions:
         _within("smoothing", self.smoothing, 0.0, 1.0)
         if self.max_faces < 0 or self.min_size < 0:
             raise ValueError("max_faces and min_size must not be negative.")
+        if self.redetect_every < 1:
+            raise ValueError(f"redetect_every must be at least 1; got {self.redetect_every}.")
         object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
 
 

@@ -14,11 +14,11 @@ import torch
 
 from . import image as im
 from .align import affine_scale, alignment, cut_crop, resize
-from .faces import Detector, FaceSet, detect_frame, select_faces
+from .faces import Detector, Face, FaceSet
 from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
 from .paste import composite, place_face
-from .temporal import smooth_landmarks, track
+from .temporal import FaceFinder
 
 BatchCallback = Callable[[int, int], None]
 Upscaler = Callable[[torch.Tensor, int, int], torch.Tensor]  # [3,H,W] frame, width, height
@@ -29,14 +29,12 @@ def detect(image: torch.Tensor, detector: Detector, options: DetectOptions = Det
     """Detect and select faces in every frame of an IMAGE batch, give each person a track id
     across frames, and smooth their landmarks over time by ``options.smoothing`` (0..1)."""
     im.check_image(image)
+    finder = FaceFinder(detector, options)
     frames = []
     for index in range(image.shape[0]):
-        rgb = im.frame_uint8(image, index)
-        found = detect_frame(detector, rgb, options.threshold)
-        frames.append(select_faces(found, options))
+        frames.append(finder(im.frame_uint8(image, index)))
         if on_frame:
             on_frame(index + 1, image.shape[0])
-    frames = smooth_landmarks(track(frames), options.smoothing)
     return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=options.detector)
 
 
@@ -62,13 +60,19 @@ def align(image: torch.Tensor, faces: FaceSet, size: int,
     check_faces_match(image, faces, "GPEN Restore")
     crops, affines = [], []
     for index, members in faces.by_frame().items():
-        frame = im.frame_tensor(image, index, device)
-        for face in members:
-            affine = alignment(face.landmarks, size)
-            crops.append(cut_crop(frame, affine, size))
-            affines.append(affine)
-    batch = im.crops_to_image(crops, size)
+        frame_crops, frame_affines = align_frame(im.frame_tensor(image, index, device), members, size)
+        crops.append(frame_crops.cpu())
+        affines += frame_affines
+    batch = im.crops_to_image(torch.cat(crops) if crops else torch.zeros(0, 3, size, size))
     return batch, faces.with_alignment(affines, size, originals=batch)
+
+
+def align_frame(frame: torch.Tensor, faces: list[Face], size: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The ``size`` crops ``[N,3,S,S]`` of a frame's faces, on the frame's device, and their
+    image -> crop affines."""
+    affines = [alignment(face.landmarks, size) for face in faces]
+    crops = [cut_crop(frame, affine, size) for affine in affines]
+    return (torch.stack(crops) if crops else frame.new_zeros(0, 3, size, size)), affines
 
 
 def activation_bytes(size: int, dtype: torch.dtype) -> int:
@@ -77,37 +81,51 @@ def activation_bytes(size: int, dtype: torch.dtype) -> int:
     return size * size * 100 * torch.finfo(dtype).bits // 8
 
 
-def restore(model: torch.nn.Module, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
-            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-            on_batch: BatchCallback | None = None) -> torch.Tensor:
-    """Run the generator over aligned crops in batches of at most ``options.batch_size``;
-    ``options.strength`` mixes restored over input.
+def restore_batch(model: torch.nn.Module, crops: torch.Tensor, strength: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """One forward pass: crops ``[N,3,S,S]`` in 0..1 on the model's device -> restored crops
+    (float32, 0..1), mixed with the input by ``strength``."""
+    with torch.inference_mode():
+        # NHWC: 1.3x faster on CPU for one 512 face (python -m gpen.bench), same result.
+        x = (crops * 2.0 - 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
+        restored = ((model(x).float() + 1.0) / 2.0).clamp_(0.0, 1.0)
+        return torch.lerp(crops.float(), restored, strength) if strength < 1.0 else restored
 
-    A CUDA out-of-memory error halves the batch and retries; any other error propagates.
+
+def restore_crops(model: torch.nn.Module, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  on_batch: BatchCallback | None = None) -> torch.Tensor:
+    """Restore crops ``[N,3,S,S]`` (0..1, on any device) on ``device`` in batches of at most
+    ``options.batch_size``; returns them on the crops' device.
+
+    An out-of-memory error halves the batch and retries; any other error propagates.
     """
     total = crops.shape[0]
-    out = torch.empty_like(crops)
+    out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
     start = 0
     batch_size = options.batch_size
-    strength = options.strength
     while start < total:
         chunk = crops[start:start + batch_size]
         try:
-            with torch.inference_mode():
-                # NHWC: 1.3x faster on CPU for one 512 face (python -m gpen.bench), same result.
-                x = im.crops_to_model(chunk).to(device=device, dtype=dtype).contiguous(
-                    memory_format=torch.channels_last)
-                restored = im.model_to_crops(model(x)).to("cpu")
+            restored = restore_batch(model, chunk.to(device), options.strength, dtype)
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
             batch_size //= 2
             continue
-        out[start:start + chunk.shape[0]] = strength * restored + (1.0 - strength) * chunk
+        out[start:start + chunk.shape[0]] = restored
         start += chunk.shape[0]
         if on_batch:
             on_batch(start, total)
     return out
+
+
+def restore(model: torch.nn.Module, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
+            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+            on_batch: BatchCallback | None = None) -> torch.Tensor:
+    """``restore_crops`` for an IMAGE batch of aligned crops; returns an IMAGE batch."""
+    restored = restore_crops(model, crops[..., :3].movedim(-1, 1), options, device, dtype, on_batch)
+    return restored.movedim(1, -1).contiguous()
 
 
 def enlarge(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -150,34 +168,49 @@ def paste(image: torch.Tensor, crops: torch.Tensor, faces: FaceSet,
     masks = torch.zeros((image.shape[0], out_h, out_w), dtype=torch.float32)
     # On the CPU an RGB frame is composited right in its slot of the output batch.
     in_place = torch.device(device).type == "cpu" and upscale == 1.0 and image.shape[-1] == 3
-    flat_index = 0
+    first = 0  # index of the frame's first crop
     for index in range(image.shape[0]):
         members = by_frame.get(index, [])
         if not members and upscale == 1.0:
             images[index] = image[index].detach()
         else:
             frame = im.frame_tensor(image, index, device, into=images[index] if in_place else None)
-            background = frame if upscale == 1.0 else upscaler(frame, out_w, out_h)
-            placed = []
-            for face in members:
-                affine = face.affine * rescale
-                restored = im.image_to_crop(crops, flat_index, device)
-                original = (im.image_to_crop(originals, flat_index, device) if originals is not None
-                            else cut_crop(frame, affine, size))
-                parsed = parser.mask(restored, options.feather) if parser else None
-                # A crop at least as fine as its frame holds all of the frame's detail, so only
-                # the restorer's change is pasted, also onto an enlarged background.
-                change_only = affine_scale(affine) >= 1.0
-                # Background pixels are ``upscale`` times smaller: image->crop shrinks by as much.
-                affine = np.hstack([affine[:, :2] / upscale, affine[:, 2:]])
-                face_on_frame = place_face(background, restored, original, affine, options.colour,
-                                           options.feather, parsed, change_only)
-                if face_on_frame is not None:
-                    placed.append(face_on_frame)
-                flat_index += 1
-            result, masks[index] = composite(background, placed, options.blend)
+            picks = range(first, first + len(members))
+            affines = [face.affine * rescale for face in members]
+            restored = [im.image_to_crop(crops, k, device) for k in picks]
+            if originals is not None:
+                unrestored = [im.image_to_crop(originals, k, device) for k in picks]
+            else:
+                unrestored = [cut_crop(frame, affine, size) for affine in affines]
+            result, masks[index] = paste_frame(frame, restored, unrestored, affines, options, upscaler, parser)
             if not in_place:
                 im.put_rgb(images, index, image, result)
+            first += len(members)
         if on_frame:
             on_frame(index + 1, image.shape[0])
     return images, masks
+
+
+def paste_frame(frame: torch.Tensor, restored: list[torch.Tensor], originals: list[torch.Tensor],
+                affines: list[np.ndarray], options: PasteOptions = PasteOptions(),
+                upscaler: Upscaler = enlarge,
+                parser: FaceParser | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste one frame's restored crops ``[3,S,S]`` (with the unrestored ``originals`` and the
+    image -> crop ``affines``) into ``frame`` ``[3,H,W]``; returns the frame (composited in place
+    at ``upscale`` 1, else an enlarged copy) and the paste mask ``[h,w]``."""
+    upscale = options.upscale
+    height, width = frame.shape[1:]
+    background = frame if upscale == 1.0 else upscaler(frame, round(width * upscale), round(height * upscale))
+    placed = []
+    for crop, original, affine in zip(restored, originals, affines):
+        parsed = parser.mask(crop, options.feather) if parser else None
+        # A crop at least as fine as its frame holds all of the frame's detail, so only the
+        # restorer's change is pasted, also onto an enlarged background.
+        change_only = affine_scale(affine) >= 1.0
+        # Background pixels are ``upscale`` times smaller: image->crop shrinks by as much.
+        affine = np.hstack([affine[:, :2] / upscale, affine[:, 2:]])
+        face = place_face(background, crop, original, affine, options.colour, options.feather, parsed,
+                          change_only)
+        if face is not None:
+            placed.append(face)
+    return composite(background, placed, options.blend)

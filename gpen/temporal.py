@@ -1,4 +1,4 @@
-"""Video: stable face ids across frames, and landmark smoothing against flicker.
+"""Video: finding faces frame after frame, stable face ids, and landmark smoothing against flicker.
 
 Detected landmarks jitter by a pixel or two from frame to frame; the aligned crop, and so the
 restored face, jitters with them. A One-Euro filter (Casiez et al., CHI 2012) per tracked face
@@ -13,42 +13,48 @@ from dataclasses import replace
 
 import numpy as np
 
-from .faces import Face
+from .faces import Detector, Face, detect_frame, detect_near, iou, select_faces
+from .options import DetectOptions
 
 MIN_IOU = 0.3  # boxes overlapping less than this in consecutive frames are different faces
 
 
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+class Tracker:
+    """Stable face ids over a stream of frames: each frame's faces are matched greedily, best IoU
+    first, to the previous frame's; unmatched faces get new ids. The state is carried from call
+    to call, so a video processed in chunks is tracked as one."""
 
+    def __init__(self) -> None:
+        self.previous: list[tuple[Face, int]] = []
+        self.next_id = 0
 
-def assign_tracks(frames: list[list[Face]]) -> list[list[int]]:
-    """Track id of every face: greedy best-IoU matching to the previous frame's faces."""
-    ids: list[list[int]] = []
-    previous: list[tuple[Face, int]] = []
-    next_id = 0
-    for faces in frames:
+    def ids(self, faces: list[Face]) -> list[int]:
         pairs = sorted(((iou(f.box, p.box), i, j) for i, f in enumerate(faces)
-                        for j, (p, _) in enumerate(previous)), reverse=True)
+                        for j, (p, _) in enumerate(self.previous)), reverse=True)
         frame_ids = [-1] * len(faces)
         used = set()
         for overlap, i, j in pairs:
             if overlap < MIN_IOU:
                 break
             if frame_ids[i] == -1 and j not in used:
-                frame_ids[i] = previous[j][1]
+                frame_ids[i] = self.previous[j][1]
                 used.add(j)
         for i in range(len(faces)):
             if frame_ids[i] == -1:
-                frame_ids[i] = next_id
-                next_id += 1
-        ids.append(frame_ids)
-        previous = list(zip(faces, frame_ids))
-    return ids
+                frame_ids[i] = self.next_id
+                self.next_id += 1
+        self.previous = list(zip(faces, frame_ids))
+        return frame_ids
+
+    def __call__(self, faces: list[Face]) -> list[Face]:
+        """The faces with their ``track_id`` set."""
+        return [replace(face, track_id=i) for face, i in zip(faces, self.ids(faces))]
+
+
+def assign_tracks(frames: list[list[Face]]) -> list[list[int]]:
+    """Track id of every face of a sequence of frames."""
+    tracker = Tracker()
+    return [tracker.ids(faces) for faces in frames]
 
 
 class OneEuroFilter:
@@ -88,24 +94,64 @@ def filter_settings(strength: float, face_size: float) -> tuple[float, float]:
     return min_cutoff, beta
 
 
+class Smoother:
+    """One-Euro filtering of each tracked face's landmarks, state carried from frame to frame;
+    ``strength`` 0 leaves them as they are. Filters of faces that left are dropped."""
+
+    def __init__(self, strength: float):
+        self.strength = strength
+        self.filters: dict[int, OneEuroFilter] = {}
+
+    def __call__(self, faces: list[Face]) -> list[Face]:
+        if self.strength <= 0:
+            return faces
+        self.filters = {f.track_id: self.filters[f.track_id] for f in faces if f.track_id in self.filters}
+        smoothed = []
+        for face in faces:
+            if face.track_id not in self.filters:
+                size = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
+                self.filters[face.track_id] = OneEuroFilter(*filter_settings(self.strength, size))
+            smoothed.append(replace(face, landmarks=self.filters[face.track_id](face.landmarks)))
+        return smoothed
+
+
 def track(frames: list[list[Face]]) -> list[list[Face]]:
-    """The faces with their ``track_id`` set."""
-    return [[replace(face, track_id=i) for face, i in zip(faces, ids)]
-            for faces, ids in zip(frames, assign_tracks(frames))]
+    """The faces of a sequence of frames with their ``track_id`` set."""
+    tracker = Tracker()
+    return [tracker(faces) for faces in frames]
 
 
 def smooth_landmarks(frames: list[list[Face]], strength: float) -> list[list[Face]]:
-    """One-Euro-filter the landmarks of tracked faces; ``strength`` 0 leaves them as they are."""
-    if strength <= 0:
-        return frames
-    filters: dict[int, OneEuroFilter] = {}
-    out = []
-    for faces in frames:
-        smoothed = []
-        for face in faces:
-            if face.track_id not in filters:
-                size = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
-                filters[face.track_id] = OneEuroFilter(*filter_settings(strength, size))
-            smoothed.append(replace(face, landmarks=filters[face.track_id](face.landmarks)))
-        out.append(smoothed)
-    return out
+    """One-Euro-filter the landmarks of tracked faces over a sequence of frames."""
+    smoother = Smoother(strength)
+    return [smoother(faces) for faces in frames]
+
+
+class FaceFinder:
+    """The faces of a stream of frames, state carried from call to call: detection, selection,
+    tracking and smoothing.
+
+    Every ``options.redetect_every``-th frame is searched whole and its faces selected (size,
+    order, indices, count); in between, only the selected faces are looked for again, each in a
+    window around where it was (``detect_near``): far cheaper, and faces cannot swap places in
+    the selection. New faces are picked up at the next whole-frame search.
+    """
+
+    def __init__(self, detector: Detector, options: DetectOptions):
+        self.detector = detector
+        self.options = options
+        self.tracker = Tracker()
+        self.smoother = Smoother(options.smoothing)
+        self.frames_seen = 0
+
+    def __call__(self, rgb: np.ndarray) -> list[Face]:
+        """Faces of the next frame (uint8 HxWx3 RGB), with track ids and smoothed landmarks."""
+        threshold = self.options.threshold
+        if self.frames_seen % self.options.redetect_every == 0:
+            faces = select_faces(detect_frame(self.detector, rgb, threshold), self.options)
+        else:
+            near = (detect_near(self.detector, rgb, face.box, threshold) for face, _ in self.tracker.previous)
+            faces = [f for f in near if f is not None
+                     and min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= self.options.min_size]
+        self.frames_seen += 1
+        return self.smoother(self.tracker(faces))
