@@ -1,25 +1,32 @@
-"""Command line: restore faces in image files, or convert a checkpoint to .safetensors.
+"""Command line: restore the faces in photos, folders and videos; convert a checkpoint.
 
+    python -m gpen restore --model GPEN-BFR-512.pth photos/ clip.mp4 --output restored/
     python -m gpen restore --model GPEN-BFR-512.pth photo.jpg restored.png
     python -m gpen convert GPEN-BFR-512.pth GPEN-BFR-512.safetensors
 
-Outputs are never written over an existing file, and model files are only read.
+Folders are searched recursively and mirrored under --output; videos keep their audio, frame
+timing and rotation. An output that exists is skipped (so an interrupted job resumes), outputs
+appear only when complete, and nothing is ever overwritten. Model files are only read.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 
-from . import pipeline
-from .faces import DetectorError, load_detector
+from .engine import FrameEngine, load_restorer
+from .faces import DetectorError
+from .files import FileRestorer, Outcome, Task, plan
 from .loader import ModelLoadError, canonicalize, detect_config, load_generator, read_state_dict
-from .options import DETECTORS, DetectOptions, PasteOptions, RestoreOptions
+from .options import (BLENDS, DETECTORS, MASKS, ORDERS, DetectOptions, PasteOptions, RestoreOptions,
+                      parse_indices)
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+VIDEO_REDETECT_EVERY = 5
 
 
 def _new_output(path: str) -> Path:
@@ -42,25 +49,106 @@ def convert(source: str, target: str) -> None:
     print(f"{out}: GPEN-{config.size}, {len(tensors)} tensors")
 
 
-def restore(model_path: str, source: str, target: str, detector: str, model_dir: str | None,
-            strength: float, feather: float) -> None:
-    out = _new_output(target)
-    bgr = cv2.imread(source, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"{source} could not be read as an image.")
-    image = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)[None]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    model = load_generator(model_path, device=device, dtype=dtype).to_channels_last()
-    found = load_detector(detector, (model_dir,) if model_dir else (), device)
-    faces = pipeline.detect(image, found, DetectOptions(detector=detector))
-    crops, aligned = pipeline.align(image, faces, model.size)
-    restored = pipeline.restore(model, crops, RestoreOptions(strength=strength), device, dtype)
-    result, _ = pipeline.paste(image, restored, aligned, PasteOptions(feather=feather))
-    rgb = (result[0].numpy().clip(0, 1) * 255 + 0.5).astype(np.uint8)
-    if not cv2.imwrite(str(out), np.ascontiguousarray(rgb[..., ::-1])):
-        raise ValueError(f"Could not write {out}: unknown image extension or folder not writable.")
-    print(f"{out}: {aligned.count} face(s) restored with GPEN-{model.size}")
+def add_restore_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of every node option (defaults equal the nodes')."""
+    defaults = DetectOptions(), RestoreOptions(), PasteOptions()
+    detect, restore, paste = defaults
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help="GPEN-BFR checkpoint (.pth/.pt/.safetensors)")
+    model.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                       help="auto: fp16 on a GPU, fp32 on the CPU")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--weights-dir", action="append", default=[],
+                       help="folder with facexlib weights (RetinaFace detectors, parsing masks); repeatable")
+    faces = parser.add_argument_group("faces (Detect Faces)")
+    faces.add_argument("--detector", default=detect.detector, choices=DETECTORS)
+    faces.add_argument("--threshold", type=float, default=detect.threshold)
+    faces.add_argument("--max-faces", type=int, default=detect.max_faces, help="per frame, after ordering; 0 = all")
+    faces.add_argument("--order", default=detect.order, choices=ORDERS)
+    faces.add_argument("--min-size", type=float, default=detect.min_size, help="pixels, shorter box side")
+    faces.add_argument("--indices", default="", help="only these faces by position in the order, e.g. 0,2")
+    faces.add_argument("--smoothing", type=float, default=detect.smoothing, help="video: 0 = off, 0.9 = strong")
+    faces.add_argument("--redetect-every", type=int, default=VIDEO_REDETECT_EVERY,
+                       help="video: search whole frames every N frames, follow the faces found in between")
+    gen = parser.add_argument_group("restoration (GPEN Restore 2048)")
+    gen.add_argument("--strength", type=float, default=restore.strength)
+    gen.add_argument("--batch-size", type=int, default=restore.batch_size)
+    back = parser.add_argument_group("paste-back (Paste Back)")
+    back.add_argument("--feather", type=float, default=paste.feather)
+    back.add_argument("--color-correction", action=argparse.BooleanOptionalAction, default=paste.colour)
+    back.add_argument("--blend", default=paste.blend, choices=BLENDS)
+    back.add_argument("--upscale", type=float, default=paste.upscale)
+    back.add_argument("--mask", default=paste.mask, choices=MASKS)
+    back.add_argument("--upscale-model", help="enlarge the background with this upscale model (ESRGAN etc.)")
+
+
+def restore(args: argparse.Namespace) -> int:
+    """Restore every input; returns the exit status (1 if any input failed)."""
+    if args.output is None:
+        if len(args.inputs) != 2:
+            raise ValueError("give --output OUT (a folder), or exactly one input file and one output file.")
+        source, target = map(Path, args.inputs)
+        if target.exists():
+            raise FileExistsError(f"{target} already exists; choose another output name (nothing was written).")
+        tasks, problems = [Task(source, target)], [] if source.is_file() else [f"{source}: no such file."]
+    else:
+        tasks, problems = plan(args.inputs, args.output)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not tasks:
+        return 1 if problems else 0
+    options = (DetectOptions(detector=args.detector, threshold=args.threshold, max_faces=args.max_faces,
+                             order=args.order, min_size=args.min_size, indices=parse_indices(args.indices),
+                             smoothing=args.smoothing, redetect_every=args.redetect_every),
+               RestoreOptions(strength=args.strength, batch_size=args.batch_size),
+               PasteOptions(feather=args.feather, colour=args.color_correction, blend=args.blend,
+                            upscale=args.upscale, mask=args.mask))
+    device = torch.device(args.device)
+    dtype = PRECISIONS.get(args.precision) or (torch.float16 if device.type == "cuda" else torch.float32)
+    restorer = load_restorer(args.model, device, dtype, args.detector, tuple(args.weights_dir), args.mask,
+                             args.upscale_model)
+    print(f"{len(tasks)} file(s), GPEN-{restorer.model.size} on {device} ({str(dtype).removeprefix('torch.')})")
+    start = time.perf_counter()
+    outcomes = run_tasks(tasks, FileRestorer(FrameEngine(restorer, *options)))
+    print_summary(outcomes, time.perf_counter() - start)
+    return 1 if problems or any(o.status == "failed" for o in outcomes) else 0
+
+
+def run_tasks(tasks: list[Task], restore_file: FileRestorer) -> list[Outcome]:
+    """Restore the tasks in order with progress bars over files and frames; failures are
+    reported as they happen and the job goes on."""
+    from tqdm import tqdm
+
+    outcomes = []
+    with tqdm(total=len(tasks), unit="file", desc="files", position=0) as files, \
+            tqdm(unit="frame", desc="frames", position=1, leave=False) as frames:
+        for task in tasks:
+            frames.reset(total=None)
+            frames.set_postfix_str(task.source.name)
+
+            def advance(done: int, total: int | None) -> None:
+                if total and frames.total != total:
+                    frames.total = total
+                frames.update(done - frames.n)
+            outcome = restore_file(task, advance)
+            if outcome.status == "failed":
+                tqdm.write(f"error: {task.source}: {outcome.error}", file=sys.stderr)
+            outcomes.append(outcome)
+            files.update(1)
+    return outcomes
+
+
+def print_summary(outcomes: list[Outcome], seconds: float) -> None:
+    """Files restored / skipped / failed, faces, frames and time."""
+    count = {status: sum(1 for o in outcomes if o.status == status) for status in ("restored", "skipped", "failed")}
+    frames = sum(o.frames for o in outcomes)
+    faces = sum(o.faces for o in outcomes)
+    rate = f", {frames / seconds:.2f} frames/s" if seconds > 0 and frames else ""
+    print(f"{count['restored']} restored, {count['skipped']} skipped (output exists), {count['failed']} failed; "
+          f"{faces} face(s) in {frames} frame(s); {seconds:.1f} s{rate}")
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            print(f"  failed: {outcome.task.source}: {outcome.error}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,25 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     c = commands.add_parser("convert", help="checkpoint -> .safetensors")
     c.add_argument("source")
     c.add_argument("target")
-    r = commands.add_parser("restore", help="restore the faces in one image")
-    r.add_argument("--model", required=True, help="GPEN-BFR checkpoint (.pth/.pt/.safetensors)")
-    r.add_argument("--detector", default="mtcnn", choices=DETECTORS)
-    r.add_argument("--detector-dir", help="folder holding the RetinaFace weights")
-    r.add_argument("--strength", type=float, default=1.0)
-    r.add_argument("--feather", type=float, default=0.15)
-    r.add_argument("source")
-    r.add_argument("target")
+    r = commands.add_parser("restore", help="restore the faces in images, folders and videos",
+                            description="Restore faces in images, folders (recursive) and videos.")
+    r.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, or folders")
+    r.add_argument("--output", "-o", help="output folder (mirrors the inputs' folders)")
+    add_restore_options(r)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
             convert(args.source, args.target)
-        else:
-            restore(args.model, args.source, args.target, args.detector, args.detector_dir,
-                    args.strength, args.feather)
+            return 0
+        return restore(args)
     except (ModelLoadError, DetectorError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,8 +35,18 @@ def frame_tensor(image: torch.Tensor, index: int, device: torch.device | str = "
 
 def frame_uint8(image: torch.Tensor, index: int) -> np.ndarray:
     """Frame ``index`` as 8-bit HxWx3 RGB numpy, as the detectors expect."""
-    frame = frame_tensor(image, index)
-    return (frame * 255.0 + 0.5).to(torch.uint8).movedim(0, -1).numpy()
+    return to_uint8(frame_tensor(image, index))
+
+
+def from_uint8(rgb: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """An 8-bit HxWx3 RGB picture as float32 ``[3,H,W]`` in 0..1 on ``device`` (sent as 8-bit:
+    a quarter of the bytes of float)."""
+    return (torch.from_numpy(np.ascontiguousarray(rgb)).to(device).movedim(-1, 0).float() / 255.0)
+
+
+def to_uint8(frame: torch.Tensor) -> np.ndarray:
+    """A ``[3,H,W]`` frame in 0..1 as 8-bit HxWx3 RGB numpy (rounded; one transfer back)."""
+    return (frame * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).movedim(0, -1).cpu().numpy()
 
 
 def frame_to_image(frame: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -47,7 +48,8 @@ def test_restore_an_image_file(tmp_path, astronaut):
     cv2.imwrite(str(tmp_path / "in.png"), astronaut[..., ::-1])
     result = gpen_cli("restore", "--model", tmp_path / "tiny.pth", tmp_path / "in.png", tmp_path / "out.png")
     assert result.returncode == 0, result.stderr
-    assert "1 face(s) restored with GPEN-64" in result.stdout
+    assert "GPEN-64 on cpu" in result.stdout
+    assert "1 restored, 0 skipped (output exists), 0 failed; 1 face(s) in 1 frame(s)" in result.stdout
     out = cv2.imread(str(tmp_path / "out.png"))
     assert out.shape == astronaut.shape and not np.array_equal(out[..., ::-1], astronaut)
 
@@ -57,3 +59,73 @@ def test_bad_model_is_a_clear_error(tmp_path):
     result = gpen_cli("convert", tmp_path / "bad.pth", tmp_path / "x.safetensors")
     assert result.returncode == 2 and "bad.pth is empty" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def _photo_tree(root, astronaut):
+    """photos/a.png, photos/trip/b.jpg, photos/trip/day2/c.png (+ a text file that is ignored)."""
+    small = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)[..., ::-1]
+    (root / "trip" / "day2").mkdir(parents=True)
+    cv2.imwrite(str(root / "a.png"), small)
+    cv2.imwrite(str(root / "trip" / "b.jpg"), small)
+    cv2.imwrite(str(root / "trip" / "day2" / "c.png"), np.ascontiguousarray(small[:, ::-1]))
+    (root / "notes.txt").write_text("not a picture")
+    return ["a.png", "trip/b.jpg", "trip/day2/c.png"]
+
+
+def test_restore_a_folder_mirrors_its_tree_and_resumes(tmp_path, astronaut):
+    tiny_checkpoint(tmp_path / "tiny.pth")
+    names = _photo_tree(tmp_path / "photos", astronaut)
+    (tmp_path / "photos" / "trip" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "out"
+    result = gpen_cli("restore", "--model", tmp_path / "tiny.pth", tmp_path / "photos", "--output", out)
+    assert result.returncode == 1  # one input failed, the rest were restored
+    assert "broken.jpg" in result.stderr and "could not be read" in result.stderr
+    assert "3 restored, 0 skipped (output exists), 1 failed" in result.stdout
+    made = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert made == sorted(names)  # no partial files, no output for the broken input
+    for name in names:
+        restored = cv2.imread(str(out / name))
+        assert restored.shape == (256, 256, 3)
+    before = {name: (out / name).stat().st_mtime_ns for name in names}
+    again = gpen_cli("restore", "--model", tmp_path / "tiny.pth", tmp_path / "photos", "--output", out)
+    assert "0 restored, 3 skipped (output exists), 1 failed" in again.stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in names} == before  # never rewritten
+
+
+def test_missing_input_and_clashing_outputs_are_reported(tmp_path, astronaut):
+    tiny_checkpoint(tmp_path / "tiny.pth")
+    _photo_tree(tmp_path / "one", astronaut)
+    _photo_tree(tmp_path / "two", astronaut)
+    result = gpen_cli("restore", "--model", tmp_path / "tiny.pth", tmp_path / "one", tmp_path / "two",
+                      tmp_path / "nowhere.png", "--output", tmp_path / "out")
+    assert result.returncode == 1
+    assert "nowhere.png: no such file or folder" in result.stderr
+    assert "would both be written to" in result.stderr
+    assert "3 restored" in result.stdout  # the first folder's files; the clashing ones were not run
+
+
+def test_killed_job_leaves_only_complete_outputs_and_a_rerun_finishes(tmp_path, astronaut):
+    torch.manual_seed(0)
+    slow = FullGenerator(GPENConfig(size=256, style_dim=64, n_mlp=2, narrow=1 / 4))
+    torch.save(slow.state_dict(), tmp_path / "slow.pth")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(photos / f"p{i}.png"), np.roll(astronaut, 7 * i, axis=1)[..., ::-1])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "gpen", "restore", "--model", str(tmp_path / "slow.pth"), str(photos),
+               "--output", str(out)]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(out.glob("p*.png")):
+        time.sleep(0.05)
+    job.kill()
+    job.wait()
+    finished = sorted(out.glob("p*.png"))
+    assert 1 <= len(finished) < 8
+    for path in finished:  # every output under its real name is complete
+        assert cv2.imread(str(path)).shape == astronaut.shape
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"{8 - len(finished)} restored, {len(finished)} skipped" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [f"p{i}.png" for i in range(8)]  # no partials left

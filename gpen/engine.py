@@ -1,0 +1,234 @@
+"""The frame engine: a stream of frames in, restored frames out, in bounded memory.
+
+Detection runs ahead of the model on a worker thread and paste-back behind it on another, and
+faces from several frames share one forward pass, so the model's device does not wait on the
+CPU. A frame is uploaded to the model's device once (as 8-bit) and comes back once, finished.
+The video node, the command line and the cluster runner all run this engine; the IMAGE-batch
+nodes call the same step functions (``pipeline.align_frame``, ``restore_crops``, ``paste_frame``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from . import image as im
+from .faces import Detector, Face
+from .options import DetectOptions, PasteOptions, RestoreOptions
+from .parsing import FaceParser
+from .pipeline import Upscaler, align_frame, enlarge, paste_frame, restore_crops
+from .temporal import FaceFinder
+
+T = TypeVar("T")
+STAGES = ("decode", "detect", "align", "restore", "paste")
+
+
+@dataclass
+class Frame:
+    """One picture travelling through the engine."""
+
+    index: int
+    rgb: np.ndarray  # HxWx3 uint8 RGB, as decoded
+    pts: int | None = None
+    faces: list[Face] = field(default_factory=list)
+    output: np.ndarray | None = None  # the result, HxWx3 uint8; ``rgb`` itself when nothing changed
+
+
+@dataclass
+class Restorer:
+    """What restoring needs, loaded once: the generator and where it runs, the face detector,
+    and optionally a face parser and a background upscaler."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    detector: Detector
+    parser: FaceParser | None = None
+    upscaler: Upscaler = enlarge
+
+
+def load_restorer(model_path: str | Path, device: torch.device | str, dtype: torch.dtype,
+                  detector: str = "mtcnn", weights_dirs: tuple[str, ...] = (), mask: str = "face ellipse",
+                  upscale_model: str | Path | None = None) -> Restorer:
+    """Everything a restore job needs, loaded from files (the command line and cluster workers;
+    ComfyUI hands the nodes its own loaded models instead). Errors say which file and what to do."""
+    from .faces import load_detector
+    from .loader import load_generator
+    from .options import PasteOptions
+    from .parsing import load_parser
+
+    device = torch.device(device)
+    model = load_generator(model_path, device=device, dtype=dtype).to_channels_last()
+    parser_name = PasteOptions(mask=mask).parser
+    parser = load_parser(parser_name, weights_dirs, str(device)) if parser_name else None
+    upscaler = model_upscaler(upscale_model, device) if upscale_model else enlarge
+    return Restorer(model, device, dtype, load_detector(detector, weights_dirs, str(device)), parser, upscaler)
+
+
+def model_upscaler(path: str | Path, device: torch.device) -> Upscaler:
+    """A background upscaler from an upscale model file (ESRGAN and the other architectures
+    spandrel reads, as ComfyUI's Load Upscale Model does), resized to the exact size asked for."""
+    try:
+        from spandrel import ModelLoader
+    except ImportError:
+        raise ValueError("--upscale-model needs spandrel (pip install spandrel), which ComfyUI installs.") from None
+    from .loader import ModelLoadError
+
+    try:
+        descriptor = ModelLoader(device).load_from_file(str(path)).eval()
+    except Exception as error:  # spandrel raises several types for files it cannot use
+        raise ModelLoadError(f"{Path(path).name} is not an upscale model spandrel can load ({error}).") from None
+
+    def run(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        with torch.inference_mode():
+            enlarged = descriptor(frame[None].to(device))[0].float().clamp(0.0, 1.0)
+        return enlarge(enlarged, width, height)
+    return run
+
+
+@dataclass
+class _Work:
+    """A frame between the model stage and paste-back."""
+
+    frame: Frame
+    pixels: torch.Tensor | None = None  # [3,H,W] on the device
+    crops: torch.Tensor | None = None  # unrestored, [N,3,S,S]
+    affines: list[np.ndarray] = field(default_factory=list)
+    restored: torch.Tensor | None = None
+
+
+class FrameEngine:
+    """Restores a stream of frames with one set of options; ``timings`` sums the busy seconds
+    of each stage (decode, detect, align, restore, paste) over everything it ran."""
+
+    def __init__(self, restorer: Restorer, detect: DetectOptions = DetectOptions(),
+                 restore: RestoreOptions = RestoreOptions(), paste: PasteOptions = PasteOptions(),
+                 window: int = 8):
+        self.restorer = restorer
+        self.detect_options = detect
+        self.restore_options = restore
+        self.paste_options = paste
+        self.window = max(window, 1)  # frames held between stages and waiting for a batch
+        self.timings: dict[str, float] = defaultdict(float)
+
+    def run(self, frames: Iterable[Frame]) -> Iterator[Frame]:
+        """The frames, in order, each with ``faces`` and ``output`` set. Face tracking and
+        smoothing run continuously over the whole stream. Closing the iterator early (cancel)
+        stops the worker threads."""
+        finder = FaceFinder(self.restorer.detector, self.detect_options)
+        detected = ahead(self._detect(frames, finder), self.window)
+        restored = ahead(self._restore(detected), self.window)
+        for work in restored:
+            yield self._paste(work)
+
+    def _detect(self, frames: Iterable[Frame], finder: FaceFinder) -> Iterator[Frame]:
+        source = iter(frames)
+        while True:
+            start = time.perf_counter()
+            frame = next(source, None)
+            self.timings["decode"] += time.perf_counter() - start
+            if frame is None:
+                return
+            start = time.perf_counter()
+            frame.faces = finder(frame.rgb)
+            self.timings["detect"] += time.perf_counter() - start
+            yield frame
+
+    def _restore(self, frames: Iterable[Frame]) -> Iterator[_Work]:
+        """Align each frame's faces on the device and restore them in batches that span frames."""
+        pending: list[_Work] = []
+        waiting_faces = 0
+        for frame in frames:
+            work = _Work(frame)
+            if frame.faces or self.paste_options.upscale != 1.0:
+                start = time.perf_counter()
+                work.pixels = im.from_uint8(frame.rgb, self.restorer.device)
+                work.crops, work.affines = align_frame(work.pixels, frame.faces, self.restorer.model.size)
+                self.timings["align"] += time.perf_counter() - start
+            pending.append(work)
+            waiting_faces += len(frame.faces)
+            if waiting_faces >= self.restore_options.batch_size or len(pending) >= self.window:
+                yield from self._restore_pending(pending)
+                pending, waiting_faces = [], 0
+        yield from self._restore_pending(pending)
+
+    def _restore_pending(self, pending: list[_Work]) -> list[_Work]:
+        with_faces = [w for w in pending if w.frame.faces]
+        if with_faces:
+            start = time.perf_counter()
+            crops = torch.cat([w.crops for w in with_faces])
+            restored = restore_crops(self.restorer.model, crops, self.restore_options, self.restorer.device,
+                                     self.restorer.dtype)
+            for work, part in zip(with_faces, restored.split([len(w.frame.faces) for w in with_faces])):
+                work.restored = part
+            self.timings["restore"] += time.perf_counter() - start
+        return pending
+
+    def _paste(self, work: _Work) -> Frame:
+        frame = work.frame
+        if work.pixels is None:
+            frame.output = frame.rgb
+            return frame
+        start = time.perf_counter()
+        restored = list(work.restored) if work.restored is not None else []
+        result, _ = paste_frame(work.pixels, restored, list(work.crops), work.affines, self.paste_options,
+                                self.restorer.upscaler, self.restorer.parser)
+        frame.output = im.to_uint8(result)
+        self.timings["paste"] += time.perf_counter() - start
+        return frame
+
+
+def ahead(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate ``items`` on a worker thread, at most ``depth`` items ahead of the consumer.
+
+    An error in the worker is raised in the consumer; when the consumer stops early the worker
+    stops too (and closes ``items``).
+    """
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    finished = object()
+
+    def offer(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((finished, None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            offer((finished, error))
+        finally:
+            close = getattr(items, "close", None)
+            if close:
+                close()
+
+    worker = threading.Thread(target=work, name="gpen-engine", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = results.get()
+            if error is not None:
+                raise error
+            if item is finished:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()

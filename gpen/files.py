@@ -1,0 +1,192 @@
+"""Restoring files: which output each input gets, and writing it so nothing is ever lost.
+
+Inputs are image files, video files and folders (searched recursively; the output folder mirrors
+their tree). Each output is written under a temporary name beside its final one and linked into
+place only when complete, which also fails rather than replace a file that appeared meanwhile:
+a killed job leaves no half-written output, an interrupted job resumes by skipping finished
+outputs, and nothing is ever overwritten. The command line and the cluster runner share this.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .engine import Frame, FrameEngine
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"}
+VIDEO_OUTPUT_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v"}  # others are written as .mp4 (H.264)
+PARTIAL = ".partial"
+JPEG_QUALITY = 95
+
+FrameCallback = Callable[[int, int | None], None]  # frames done, frames in the file (if known)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One input file and the output it gets."""
+
+    source: Path
+    target: Path
+
+    @property
+    def is_video(self) -> bool:
+        return self.source.suffix.lower() in VIDEO_SUFFIXES
+
+
+@dataclass
+class Outcome:
+    """What happened to one task."""
+
+    task: Task
+    status: str  # "restored", "skipped" (the output exists) or "failed"
+    frames: int = 0
+    frames_with_faces: int = 0
+    faces: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def output_name(source: Path) -> str:
+    """The output's file name: the input's, with a video container we can write."""
+    if source.suffix.lower() in VIDEO_SUFFIXES and source.suffix.lower() not in VIDEO_OUTPUT_SUFFIXES:
+        return source.stem + ".mp4"
+    return source.name
+
+
+def plan(inputs: Iterable[str | Path], output: str | Path) -> tuple[list[Task], list[str]]:
+    """The tasks for ``inputs`` (files, and folders searched recursively) written into the
+    folder ``output``, mirroring each folder's tree; and the problems found (missing inputs,
+    unsupported files given by name, two inputs that would write the same output)."""
+    output = Path(output)
+    tasks: list[Task] = []
+    problems: list[str] = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            for path in sorted(p for p in given.rglob("*") if p.is_file() and _supported(p)):
+                tasks.append(Task(path, output / path.relative_to(given).parent / output_name(path)))
+        elif given.is_file():
+            if _supported(given):
+                tasks.append(Task(given, output / output_name(given)))
+            else:
+                problems.append(f"{given}: not an image or video this tool reads "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))}).")
+        else:
+            problems.append(f"{given}: no such file or folder.")
+    seen: dict[Path, Path] = {}
+    unique = []
+    for task in tasks:
+        if task.target in seen:
+            problems.append(f"{task.source} and {seen[task.target]} would both be written to {task.target}; "
+                            f"restore them into different output folders.")
+        else:
+            seen[task.target] = task.source
+            unique.append(task)
+    return unique, problems
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES and not path.name.startswith(".")
+
+
+def partial_path(target: Path) -> Path:
+    """The temporary name an output is written under until it is complete."""
+    return target.with_name(f".{target.stem}{PARTIAL}{target.suffix}")
+
+
+def publish(partial: Path, target: Path) -> None:
+    """Move a finished ``partial`` to ``target`` atomically, never replacing an existing file."""
+    try:
+        os.link(partial, target)
+    except FileExistsError:
+        raise FileExistsError(f"{target} appeared while it was being restored; it was left as it is.") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(8-bit RGB, alpha or None, whether the file is grey) of an image file; EXIF orientation
+    is applied. Raises ValueError for a file that is not a readable image."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise ValueError(f"{path} could not be read as an image (unsupported or damaged file).")
+    if raw.dtype != np.uint8:
+        raw = (raw.astype(np.float32) / np.iinfo(raw.dtype).max * 255 + 0.5).astype(np.uint8) \
+            if raw.dtype.kind == "u" else np.clip(raw * 255 + 0.5, 0, 255).astype(np.uint8)
+    if raw.ndim == 3 and raw.shape[2] == 4:
+        return np.ascontiguousarray(raw[..., 2::-1]), raw[..., 3], False
+    grey = raw.ndim == 2 or raw.shape[2] == 1
+    oriented = cv2.imread(str(path), cv2.IMREAD_COLOR)  # applies EXIF orientation
+    bgr = oriented if oriented is not None else cv2.cvtColor(raw, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(bgr[..., ::-1]), None, grey
+
+
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, grey: bool, suffix: str) -> bytes:
+    """The file bytes of an image in the format its ``suffix`` names, in the input's layout."""
+    if grey:
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    elif alpha is not None:
+        pixels = np.dstack([rgb[..., ::-1], alpha])
+    else:
+        pixels = rgb[..., ::-1]
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if suffix.lower() in {".jpg", ".jpeg"} else []
+    ok, data = cv2.imencode(suffix, np.ascontiguousarray(pixels), params)
+    if not ok:
+        raise ValueError(f"could not encode a {suffix} image.")
+    return data.tobytes()
+
+
+class FileRestorer:
+    """Restores one task at a time with a loaded engine; failures become outcomes."""
+
+    def __init__(self, engine: FrameEngine):
+        self.engine = engine
+
+    def __call__(self, task: Task, on_frames: FrameCallback | None = None) -> Outcome:
+        start = time.perf_counter()
+        if task.target.exists():
+            return Outcome(task, "skipped")
+        partial = partial_path(task.target)
+        try:
+            task.target.parent.mkdir(parents=True, exist_ok=True)
+            partial.unlink(missing_ok=True)  # left by a job that was killed
+            restore = self._video if task.is_video else self._image
+            frames = restore(task, partial, on_frames or (lambda done, total: None))
+            publish(partial, task.target)
+        except Exception as error:  # reported per file; the job goes on with the next one
+            partial.unlink(missing_ok=True)
+            return Outcome(task, "failed", seconds=time.perf_counter() - start, error=str(error) or repr(error))
+        return Outcome(task, "restored", frames=len(frames), frames_with_faces=sum(1 for f in frames if f),
+                       faces=sum(frames), seconds=time.perf_counter() - start)
+
+    def _image(self, task: Task, partial: Path, on_frames: FrameCallback) -> list[int]:
+        rgb, alpha, grey = read_image(task.source)
+        (frame,) = self.engine.run([Frame(0, rgb)])
+        partial.write_bytes(encode_image(frame.output, alpha, grey, task.target.suffix))
+        on_frames(1, 1)
+        return [len(frame.faces)]
+
+    def _video(self, task: Task, partial: Path, on_frames: FrameCallback) -> list[int]:
+        from .video import VideoReader, VideoWriter
+
+        faces_per_frame: list[int] = []
+        with VideoReader(task.source) as reader:
+            total = reader.info.frame_count
+            with VideoWriter(partial, reader.info, audio_from=task.source, atomic=False) as writer:
+                for frame in self.engine.run(_frames(reader)):
+                    writer.write(frame.output, frame.pts)
+                    faces_per_frame.append(len(frame.faces))
+                    on_frames(len(faces_per_frame), total)
+        return faces_per_frame
+
+
+def _frames(reader) -> Iterator[Frame]:
+    for index, decoded in enumerate(reader.frames()):
+        yield Frame(index, decoded.rgb, decoded.pts)
