@@ -2,7 +2,7 @@
 memory: ``VideoReader`` decodes lazily to upright RGB frames, ``VideoWriter`` encodes them as they
 come and copies the source's audio packets unchanged.
 
-Facts this module is built on (PyAV 18, FFmpeg 8):
+Facts this module is built on (PyAV 17.1+; measured with PyAV 18.1, FFmpeg 8):
 
 - Rotation of phone videos is a display matrix that PyAV exposes only on decoded frames
   (``VideoFrame.rotation``, degrees counter-clockwise), so ``probe`` decodes the first frame;
@@ -30,7 +30,6 @@ from typing import BinaryIO
 import av
 import cv2
 import numpy as np
-from av.video.reformatter import Interpolation
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +40,11 @@ DEFAULT_CRF = 18
 # Measured on 2 cores (CPU ms per 1080p frame, incl. RGB->YUV): ultrafast ~40, superfast ~45-65,
 # veryfast ~65-90, faster ~160; superfast files are half ultrafast's size at the same CRF.
 DEFAULT_PRESET = "superfast"
-# Accurate rounding + full chroma interpolation both ways: see the module docstring.
-DECODE_SCALING = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
-ENCODE_SCALING = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INP
+# swscale flags (libswscale/swscale.h; PyAV names them only from 18 on). Accurate rounding and
+# full chroma interpolation both ways: see the module docstring.
+_SWS_BILINEAR, _SWS_FULL_CHR_H_INT, _SWS_FULL_CHR_H_INP, _SWS_ACCURATE_RND = 0x2, 0x2000, 0x4000, 0x40000
+DECODE_SCALING = _SWS_BILINEAR | _SWS_ACCURATE_RND | _SWS_FULL_CHR_H_INT
+ENCODE_SCALING = _SWS_BILINEAR | _SWS_ACCURATE_RND | _SWS_FULL_CHR_H_INP
 # AVColorSpace tag of a decoded frame -> swscale matrix name.
 _MATRICES = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "ITU601", 7: "SMPTE240M", 9: "BT2020", 10: "BT2020"}
 _BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709: the tags written on every output
@@ -138,10 +139,11 @@ def probe(source: Source) -> VideoInfo:
 class VideoReader:
     """Decode a video lazily into upright RGB frames: one decoded frame in memory at a time.
 
-    A truncated file raises VideoError: at open when its index shows the missing bytes (MP4/MOV,
-    and any file whose index was lost), else when decoding fails. Frames already yielded are not
-    taken back, so a writer fed from them is aborted by its context manager. (A file cut exactly
-    between frames of a format with no index, e.g. Matroska without cues, just ends early.)
+    A truncated file raises VideoError where that can be known: at open when its index shows the
+    missing bytes (MP4/MOV) or was lost with them, else when decoding fails; frames already
+    yielded are not taken back, and a writer fed from them is aborted by its context manager.
+    A format that needs no index (Matroska, MPEG-TS) cut between packets just ends early: that is
+    logged as a warning when the container's stated length promised clearly more frames.
     """
 
     def __init__(self, source: Source):
@@ -160,11 +162,16 @@ class VideoReader:
         self._started = True
         info = self.info
         ticks_per_frame = 1 / (info.frame_rate * info.time_base)
-        for index, frame in enumerate(self._decoded):
+        count = 0
+        for count, frame in enumerate(self._decoded, start=1):
             # Elementary streams (.h264) carry no timestamps: count frames instead.
-            pts = frame.pts if frame.pts is not None else round(index * ticks_per_frame)
-            yield DecodedFrame(index, _upright(_to_rgb(frame), info.rotation), pts,
+            pts = frame.pts if frame.pts is not None else round((count - 1) * ticks_per_frame)
+            yield DecodedFrame(count - 1, _upright(_to_rgb(frame), info.rotation), pts,
                                float(pts * info.time_base), frame.duration or None)
+        expected = info.expected_frames
+        if expected and count < 0.9 * expected - 1:  # edit lists legitimately drop a few
+            log.warning("%s: only %d of the %d frames its container announces could be read; the "
+                        "file is probably truncated.", info.path, count, expected)
 
     def chunks(self, size: int) -> Iterator[list[DecodedFrame]]:
         """Frames in lists of ``size`` (the last may be shorter), for batched work."""

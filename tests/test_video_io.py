@@ -325,8 +325,8 @@ def test_wrong_frame_shape_is_a_clear_error(tmp_path):
 # Bad inputs ----------------------------------------------------------------------------------
 
 BAD_INPUTS = {
-    "truncated, index first": (lambda p: videoclips.truncated_clip(p), "truncated"),
-    "truncated, index lost": (lambda p: videoclips.truncated_clip(p, index_first=False), "incomplete"),
+    "truncated, index first": (videoclips.truncated_clip, "truncated"),
+    "truncated, index lost": (lambda p: videoclips.truncated_clip(p, "index last"), "incomplete"),
     "audio only": (videoclips.audio_only, "no video stream"),
     "zero frames": (videoclips.zero_frame_clip, "no frames"),
     "garbage payload": (videoclips.garbage_clip, "decoding failed"),
@@ -346,6 +346,14 @@ def test_bad_input_is_a_video_error_naming_the_file(case, tmp_path):
             attempt(path)
         assert str(path) in str(error.value)
     assert isinstance(error.value, ValueError)  # shown in ComfyUI's error dialog
+
+
+def test_truncated_file_without_index_ends_early_with_a_warning(tmp_path, caplog):
+    """Matroska needs no index, so a cut file plays up to the cut; that is said, not hidden."""
+    path = videoclips.truncated_clip(tmp_path / "cut.mkv", "matroska")
+    info, frames = read_all(path)
+    assert 0 < len(frames) < 0.9 * info.expected_frames
+    assert f"{path}: only {len(frames)} of the {info.expected_frames} frames" in caplog.text
 
 
 def test_bad_input_in_memory_is_named_as_such(tmp_path):

@@ -179,15 +179,19 @@ def avi_clip(path: Path, width: int = 320, height: int = 240, frames: int = 15) 
 
 # Bad inputs ---------------------------------------------------------------------------------
 
-def truncated_clip(path: Path, index_first: bool = True) -> Path:
-    """A face clip cut at 60 %: with its index first (faststart, as streamed files are) the index
-    points past the end; with the index last (the default MP4 layout) the index is gone."""
-    whole = path.with_name(path.stem + ".whole.mp4")
-    face_clip(whole, 320, 180, frames=30, container_options={"movflags": "+faststart"} if index_first else None)
+def truncated_clip(path: Path, layout: str = "index first") -> Path:
+    """A face clip cut at 60 %, as an interrupted download leaves it. ``layout``: "index first"
+    (MP4 with faststart, as streamed files are: the index points past the end), "index last"
+    (the default MP4 layout: the index is gone), "matroska" (no index needed: it just stops)."""
+    suffix = ".mkv" if layout == "matroska" else ".mp4"
+    whole = path.with_name(path.stem + ".whole" + suffix)
+    options = {"movflags": "+faststart"} if layout == "index first" else None
+    face_clip(whole, 320, 180, frames=30, container_options=options)
     data = whole.read_bytes()
     whole.unlink()
-    path.write_bytes(data[: len(data) * 6 // 10])
-    return path
+    target = path.with_suffix(suffix)
+    target.write_bytes(data[: len(data) * 6 // 10])
+    return target
 
 
 def audio_only(path: Path) -> Path:
