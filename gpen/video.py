@@ -37,8 +37,8 @@ Source = str | Path | BinaryIO
 
 OUTPUT_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 DEFAULT_CRF = 18
-# Measured on 2 cores (CPU ms per 1080p frame, incl. RGB->YUV): ultrafast ~40, superfast ~45-65,
-# veryfast ~65-90, faster ~160; superfast files are half ultrafast's size at the same CRF.
+# Measured on 2 busy cores, CPU ms per frame incl. RGB->YUV, 1080p / 720p: ultrafast 37 / 17,
+# superfast 51 / 20, veryfast 59 / 34; superfast files are ~55 % of ultrafast's at the same CRF.
 DEFAULT_PRESET = "superfast"
 # swscale flags (libswscale/swscale.h; PyAV names them only from 18 on). Accurate rounding and
 # full chroma interpolation both ways: see the module docstring.
@@ -566,8 +566,7 @@ class _EncodedAudio:
 
     def __init__(self, output: av.container.OutputContainer, frames: Iterator[av.AudioFrame],
                  sample_rate: int, channels: int, source: av.container.InputContainer | None = None):
-        layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
-        self._stream = output.add_stream("aac", rate=sample_rate, layout=layout)
+        self._stream = output.add_stream("aac", rate=sample_rate, layout=_layout(channels))
         self._stream.bit_rate = 96_000 * channels
         self._output, self._frames, self._source = output, frames, source
         self._pending: av.AudioFrame | None = None
@@ -590,9 +589,14 @@ class _EncodedAudio:
             self._source.close()
 
 
+def _layout(channels: int) -> str:
+    """FFmpeg's usual layout for a channel count (ComfyUI's AUDIO has counts, not layouts)."""
+    return {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
+
+
 def _waveform_frames(audio: AudioWaveform) -> Iterator[av.AudioFrame]:
     samples = np.asarray(audio.samples, dtype=np.float32)
-    layout = {1: "mono", 2: "stereo"}.get(samples.shape[0], f"{samples.shape[0]}c")
+    layout = _layout(samples.shape[0])
     step = max(1, round(audio.sample_rate * _AUDIO_CHUNK_SECONDS))
     for start in range(0, samples.shape[1], step):
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + step]),

@@ -171,6 +171,20 @@ def test_odd_sizes_are_kept_with_the_chroma_h264_allows(size, pix_fmt, tmp_path)
     assert np.mean([np.abs(f.rgb.astype(np.int16) - rgb).mean() for f, rgb in zip(out_frames, frames)]) < 3.5
 
 
+@pytest.mark.parametrize("matrix, tagged, size", [("ITU709", True, (640, 360)), ("ITU601", True, (640, 360)),
+                                                   ("ITU709", False, (1280, 720)), ("ITU601", False, (640, 360))])
+def test_colour_is_read_by_the_stream_tags_or_as_players_guess(matrix, tagged, size, tmp_path):
+    """Tagged BT.709 and BT.601 both decode to the original colours; untagged video is read
+    BT.709 when HD and BT.601 otherwise, as players do."""
+    width, height = size
+    originals = list(videoclips.pan_zoom(width, height, 3))
+    path = videoclips.write_clip(tmp_path / "colour.mp4", originals, matrix=matrix, tagged=tagged,
+                                 pix_fmt="yuv444p", options={"crf": "0", "preset": "ultrafast"})
+    _, frames = read_all(path)
+    diffs = [np.abs(f.rgb.astype(np.int16) - rgb).mean(axis=(0, 1)) for f, rgb in zip(frames, originals)]
+    assert np.max(diffs) < 1.0  # per channel: a wrong matrix shifts colours by several levels
+
+
 def test_richer_sources_keep_their_chroma():
     base = VideoInfo.for_frames(640, 360, 30)
     assert output_pix_fmt(base) == "yuv420p"

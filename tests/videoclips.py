@@ -23,6 +23,7 @@ TEMPLATES = Path(__import__("comfyui_workflow_templates_media_image").__file__).
 PORTRAITS = ("flux_dev_checkpoint_example-1.webp", "flux_fill_inpaint_example-1.webp")
 SAMPLE_RATE = 48_000
 # Player convention: degrees clockwise -> cv2 rotation that undoes it when storing.
+_COLORSPACE_TAGS = {"ITU709": 1, "ITU601": 6}  # AVCOL_SPC_BT709, AVCOL_SPC_SMPTE170M
 _STORE_ROTATED = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
 
 
@@ -83,11 +84,14 @@ def write_clip(path: Path, frames: Iterable[np.ndarray], *, fps: Fraction | int 
                audio: np.ndarray | None = None, audio_codec: str = "aac",
                sample_rate: int = SAMPLE_RATE, rotation: int = 0, codec: str = "libx264",
                pix_fmt: str = "yuv420p", options: dict[str, str] | None = None,
-               container_options: dict[str, str] | None = None) -> Path:
+               container_options: dict[str, str] | None = None, matrix: str = "ITU709",
+               tagged: bool = True) -> Path:
     """Encode upright RGB frames (and audio [C, N] float32) the way cameras and editors do.
 
     ``rotation`` (degrees clockwise) stores the frames turned the other way plus a display
     matrix, as phones write portrait video; ``pts`` (in ``time_base``) gives irregular timing.
+    Colour goes through ``matrix`` (limited range; JPEG's full-range BT.601 for yuvj formats),
+    tagged in the stream unless ``tagged`` is False, as some old encoders leave it.
     """
     fps = Fraction(fps)
     time_base = time_base or 1 / fps
@@ -96,6 +100,11 @@ def write_clip(path: Path, frames: Iterable[np.ndarray], *, fps: Fraction | int 
                                   else {"crf": "12", "preset": "ultrafast"})
         video.pix_fmt = pix_fmt
         video.time_base = video.codec_context.time_base = time_base
+        full_range = pix_fmt.startswith("yuvj")
+        matrix = "ITU601" if full_range else matrix
+        if tagged:
+            video.codec_context.colorspace = _COLORSPACE_TAGS[matrix]
+            video.codec_context.color_range = 2 if full_range else 1  # AVCOL_RANGE_JPEG / _MPEG
         if rotation:
             video.set_display_rotation(-rotation)  # PyAV takes counter-clockwise degrees
         sound = None
@@ -108,7 +117,8 @@ def write_clip(path: Path, frames: Iterable[np.ndarray], *, fps: Fraction | int 
                 rgb = cv2.rotate(rgb, _STORE_ROTATED[rotation])
             if index == 0:
                 video.height, video.width = rgb.shape[:2]
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
+                format=pix_fmt, dst_colorspace=matrix, dst_color_range="JPEG" if full_range else "MPEG")
             frame.pts = pts[index] if pts is not None else round(index / fps / time_base)
             frame.time_base = time_base
             output.mux(video.encode(frame))
