@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -151,7 +152,9 @@ def test_rotation_metadata_gives_upright_frames_and_upright_output(rotation, cli
     out_info, out_frames = read_all(target)
     # Written upright, so every player shows it the same way without metadata.
     assert (out_info.rotation, out_info.width, out_info.height) == (0, 360, 640)
-    assert mean_abs_diff(frames, out_frames) < 3.5  # small detailed frames; see test_small_frames
+    diff = mean_abs_diff(frames, out_frames)
+    print(f"rotated {rotation}, 360x640: mean abs diff {diff:.2f}/255")
+    assert diff < 3.5  # small frames of a detailed scene; see test_odd_sized_444_source_round_trips
     assert audio_packets(target) == audio_packets(source)
 
 
@@ -192,11 +195,14 @@ def test_richer_sources_keep_their_chroma():
     assert output_pix_fmt(VideoInfo.for_frames(640, 360, 30, pix_fmt="gbrp")) == "yuv444p"
     assert output_pix_fmt(VideoInfo.for_frames(640, 360, 30, pix_fmt="yuv422p10le")) == "yuv422p"
     assert output_pix_fmt(VideoInfo.for_frames(640, 360, 30, pix_fmt="gray")) == "yuv420p"
+    # 4:2:2 turned upright by a 90-degree rotation halves vertical chroma: only 4:4:4 keeps it.
+    assert output_pix_fmt(replace(VideoInfo.for_frames(360, 640, 30, pix_fmt="yuv422p"), rotation=90)) == "yuv444p"
 
 
-def test_small_frames(clips, tmp_path):
-    """Odd-sized 4:4:4 and old-camera MJPEG sources round-trip in size and timing; small frames
-    of a detailed scene lose more per pixel at CRF 18 than 720p and 1080p do."""
+def test_odd_sized_444_source_round_trips(clips, tmp_path):
+    """An odd-sized 4:4:4 source keeps size, chroma and timing. Small frames of a detailed scene
+    lose more per pixel at CRF 18 (~2-3/255 here, at any zoom of the scene) than the 720p and
+    1080p clips (~1.3-1.6/255), hence the looser bound for the small clips."""
     source = clips("odd")
     info, frames = read_all(source)
     target = tmp_path / "odd.mp4"
