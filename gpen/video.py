@@ -196,14 +196,16 @@ class VideoWriter:
 
     Frames go to ``.NAME.partial.SUFFIX`` beside ``path``, which becomes ``path`` on a successful
     ``close()``; an existing ``path`` is never overwritten. Leaving the context with an exception
-    (or calling ``abort()``, e.g. on cancel) removes the partial file. Audio comes from
+    (or calling ``abort()``, e.g. on cancel) removes the partial file. ``atomic=False`` writes
+    straight to ``path``, for callers that already write under a temporary name of their own
+    (gpen.files); an abort still removes the incomplete file. Audio comes from
     ``audio_from``: a source video whose audio streams are copied packet for packet (re-encoded
     to AAC only where the output container cannot hold the codec), or an AudioWaveform.
     """
 
     def __init__(self, path: str | Path, info: VideoInfo,
                  audio_from: Source | AudioWaveform | None = None, *, crf: int = DEFAULT_CRF,
-                 preset: str = DEFAULT_PRESET, pix_fmt: str | None = None):
+                 preset: str = DEFAULT_PRESET, pix_fmt: str | None = None, atomic: bool = True):
         self.path = Path(path)
         if self.path.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"Cannot write video '{self.path}': use one of {', '.join(OUTPUT_SUFFIXES)}.")
@@ -211,7 +213,7 @@ class VideoWriter:
             raise FileExistsError(f"{self.path} already exists and is never overwritten; choose another "
                                   f"output name or move the existing file away.")
         self.info = info
-        self.partial = partial_path(self.path)
+        self.partial = partial_path(self.path) if atomic else self.path
         self.pix_fmt = pix_fmt or output_pix_fmt(info)
         self.frames_written = 0
         self._last_pts: int | None = None
@@ -286,7 +288,8 @@ class VideoWriter:
             for track in self._audio:
                 track.mux_until(None)
             self._container.close()
-            _publish(self.partial, self.path)
+            if self.partial != self.path:
+                _publish(self.partial, self.path)
         except BaseException:
             self.abort()
             raise
