@@ -14,7 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +27,7 @@ from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
 from .pipeline import Upscaler, align_frame, enlarge, paste_frame, restore_crops
 from .temporal import FaceFinder
+from .video import VideoInfo
 
 T = TypeVar("T")
 STAGES = ("decode", "detect", "align", "restore", "paste")
@@ -39,6 +40,7 @@ class Frame:
     index: int
     rgb: np.ndarray  # HxWx3 uint8 RGB, as decoded
     pts: int | None = None
+    duration: int | None = None  # video: until the next frame, in the stream's time base
     faces: list[Face] = field(default_factory=list)
     output: np.ndarray | None = None  # the result, HxWx3 uint8; ``rgb`` itself when nothing changed
 
@@ -119,6 +121,11 @@ class FrameEngine:
         self.paste_options = paste
         self.window = max(window, 1)  # frames held between stages and waiting for a batch
         self.timings: dict[str, float] = defaultdict(float)
+
+    def output_info(self, info: VideoInfo) -> VideoInfo:
+        """The VideoInfo of the restored video: the source's, at the paste-back scale."""
+        scale = self.paste_options.upscale
+        return replace(info, width=round(info.width * scale), height=round(info.height * scale))
 
     def run(self, frames: Iterable[Frame]) -> Iterator[Frame]:
         """The frames, in order, each with ``faces`` and ``output`` set. Face tracking and

@@ -9,7 +9,6 @@ outputs, and nothing is ever overwritten. The command line and the cluster runne
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,12 +17,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .atomic import partial_path, publish
 from .engine import Frame, FrameEngine
+from .video import VideoReader, VideoWriter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"}
 VIDEO_OUTPUT_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v"}  # others are written as .mp4 (H.264)
-PARTIAL = ".partial"
 JPEG_QUALITY = 95
 
 FrameCallback = Callable[[int, int | None], None]  # frames done, frames in the file (if known)
@@ -96,21 +96,6 @@ def _supported(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES and not path.name.startswith(".")
 
 
-def partial_path(target: Path) -> Path:
-    """The temporary name an output is written under until it is complete."""
-    return target.with_name(f".{target.stem}{PARTIAL}{target.suffix}")
-
-
-def publish(partial: Path, target: Path) -> None:
-    """Move a finished ``partial`` to ``target`` atomically, never replacing an existing file."""
-    try:
-        os.link(partial, target)
-    except FileExistsError:
-        raise FileExistsError(f"{target} appeared while it was being restored; it was left as it is.") from None
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """(8-bit RGB, alpha or None, whether the file is grey) of an image file; EXIF orientation
     is applied. Raises ValueError for a file that is not a readable image."""
@@ -153,40 +138,42 @@ class FileRestorer:
         start = time.perf_counter()
         if task.target.exists():
             return Outcome(task, "skipped")
-        partial = partial_path(task.target)
         try:
             task.target.parent.mkdir(parents=True, exist_ok=True)
-            partial.unlink(missing_ok=True)  # left by a job that was killed
             restore = self._video if task.is_video else self._image
-            frames = restore(task, partial, on_frames or (lambda done, total: None))
-            publish(partial, task.target)
+            frames = restore(task, on_frames or (lambda done, total: None))
         except Exception as error:  # reported per file; the job goes on with the next one
-            partial.unlink(missing_ok=True)
             return Outcome(task, "failed", seconds=time.perf_counter() - start, error=str(error) or repr(error))
         return Outcome(task, "restored", frames=len(frames), frames_with_faces=sum(1 for f in frames if f),
                        faces=sum(frames), seconds=time.perf_counter() - start)
 
-    def _image(self, task: Task, partial: Path, on_frames: FrameCallback) -> list[int]:
+    def _image(self, task: Task, on_frames: FrameCallback) -> list[int]:
+        """Faces per frame (one frame) of an image task, written atomically."""
         rgb, alpha, grey = read_image(task.source)
         (frame,) = self.engine.run([Frame(0, rgb)])
-        partial.write_bytes(encode_image(frame.output, alpha, grey, task.target.suffix))
+        partial = partial_path(task.target)
+        try:
+            partial.write_bytes(encode_image(frame.output, alpha, grey, task.target.suffix))
+            publish(partial, task.target)
+        finally:
+            partial.unlink(missing_ok=True)
         on_frames(1, 1)
         return [len(frame.faces)]
 
-    def _video(self, task: Task, partial: Path, on_frames: FrameCallback) -> list[int]:
-        from .video import VideoReader, VideoWriter
-
+    def _video(self, task: Task, on_frames: FrameCallback) -> list[int]:
+        """Faces per frame of a video task; the writer publishes the file when it is complete."""
         faces_per_frame: list[int] = []
         with VideoReader(task.source) as reader:
-            total = reader.info.frame_count
-            with VideoWriter(partial, reader.info, audio_from=task.source, atomic=False) as writer:
-                for frame in self.engine.run(_frames(reader)):
-                    writer.write(frame.output, frame.pts)
+            info = self.engine.output_info(reader.info)
+            with VideoWriter(task.target, info, audio_from=task.source) as writer:
+                for frame in self.engine.run(video_frames(reader)):
+                    writer.write(frame.output, frame.pts, frame.duration)
                     faces_per_frame.append(len(frame.faces))
-                    on_frames(len(faces_per_frame), total)
+                    on_frames(len(faces_per_frame), info.expected_frames)
         return faces_per_frame
 
 
-def _frames(reader) -> Iterator[Frame]:
-    for index, decoded in enumerate(reader.frames()):
-        yield Frame(index, decoded.rgb, decoded.pts)
+def video_frames(reader: VideoReader) -> Iterator[Frame]:
+    """A video's frames as engine frames, with their timing."""
+    for decoded in reader.frames():
+        yield Frame(decoded.index, decoded.rgb, decoded.pts, decoded.duration)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,6 +29,8 @@ from typing import BinaryIO
 import av
 import cv2
 import numpy as np
+
+from .atomic import partial_path, publish
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +197,14 @@ class VideoWriter:
 
     Frames go to ``.NAME.partial.SUFFIX`` beside ``path``, which becomes ``path`` on a successful
     ``close()``; an existing ``path`` is never overwritten. Leaving the context with an exception
-    (or calling ``abort()``, e.g. on cancel) removes the partial file. ``atomic=False`` writes
-    straight to ``path``, for callers that already write under a temporary name of their own
-    (gpen.files); an abort still removes the incomplete file. Audio comes from
+    (or calling ``abort()``, e.g. on cancel) removes the partial file. Audio comes from
     ``audio_from``: a source video whose audio streams are copied packet for packet (re-encoded
     to AAC only where the output container cannot hold the codec), or an AudioWaveform.
     """
 
     def __init__(self, path: str | Path, info: VideoInfo,
                  audio_from: Source | AudioWaveform | None = None, *, crf: int = DEFAULT_CRF,
-                 preset: str = DEFAULT_PRESET, pix_fmt: str | None = None, atomic: bool = True):
+                 preset: str = DEFAULT_PRESET, pix_fmt: str | None = None):
         self.path = Path(path)
         if self.path.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"Cannot write video '{self.path}': use one of {', '.join(OUTPUT_SUFFIXES)}.")
@@ -213,7 +212,7 @@ class VideoWriter:
             raise FileExistsError(f"{self.path} already exists and is never overwritten; choose another "
                                   f"output name or move the existing file away.")
         self.info = info
-        self.partial = partial_path(self.path) if atomic else self.path
+        self.partial = partial_path(self.path)
         self.pix_fmt = pix_fmt or output_pix_fmt(info)
         self.frames_written = 0
         self._last_pts: int | None = None
@@ -288,8 +287,7 @@ class VideoWriter:
             for track in self._audio:
                 track.mux_until(None)
             self._container.close()
-            if self.partial != self.path:
-                _publish(self.partial, self.path)
+            publish(self.partial, self.path)
         except BaseException:
             self.abort()
             raise
@@ -320,13 +318,6 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
-
-
-def partial_path(path: str | Path) -> Path:
-    """Where a VideoWriter writes before publishing: hidden, beside the output, same suffix
-    (so the muxer is chosen by it). A stale one from a killed run is simply overwritten."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
 def output_pix_fmt(info: VideoInfo) -> str:
@@ -476,24 +467,6 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
 
 def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
     return cv2.rotate(rgb, _ROTATE[rotation]) if rotation else rgb
-
-
-def _publish(partial: Path, path: Path) -> None:
-    """Move the finished file into place without ever replacing one that appeared meanwhile."""
-    try:
-        os.link(partial, path)
-    except FileExistsError:
-        partial.unlink()
-        raise FileExistsError(f"{path} appeared while it was being written and is not overwritten; "
-                              f"the new video was discarded.") from None
-    except OSError:  # a filesystem without hard links
-        if path.exists():
-            partial.unlink()
-            raise FileExistsError(f"{path} appeared while it was being written and is not overwritten; "
-                                  f"the new video was discarded.") from None
-        os.rename(partial, path)
-    else:
-        partial.unlink()
 
 
 def _audio_tracks(output: av.container.OutputContainer,

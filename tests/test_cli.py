@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+import videoclips
 from conftest import REPO
 from gpen import FullGenerator, GPENConfig, load_generator
 
@@ -129,3 +130,40 @@ def test_killed_job_leaves_only_complete_outputs_and_a_rerun_finishes(tmp_path, 
     assert result.returncode == 0, result.stderr
     assert f"{8 - len(finished)} restored, {len(finished)} skipped" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [f"p{i}.png" for i in range(8)]  # no partials left
+
+
+def test_restore_videos_in_a_folder_keeps_timing_audio_and_faceless_frames(tmp_path):
+    """A folder with a face clip (with sound), a phone clip with rotation metadata, a faceless
+    clip and a file that only looks like a video: every real clip restored with its frames,
+    timing and audio; frames without faces within 2/255 of the source; the fake reported."""
+    import av
+    from gpen.video import VideoReader, probe
+
+    tiny_checkpoint(tmp_path / "tiny.pth")
+    clips = tmp_path / "clips"
+    (clips / "phone").mkdir(parents=True)
+    videoclips.face_clip(clips / "faces.mp4", 640, 360, frames=20)
+    videoclips.rotated_clip(clips / "phone" / "upright.mp4", frames=12)
+    videoclips.no_face_clip(clips / "empty.mp4", 640, 360, frames=12)
+    (clips / "fake.mp4").write_text("not a video")
+    out = tmp_path / "out"
+    result = gpen_cli("restore", "--model", tmp_path / "tiny.pth", clips, "--output", out)
+    assert result.returncode == 1 and "fake.mp4" in result.stderr
+    assert "3 restored, 0 skipped (output exists), 1 failed" in result.stdout
+    for name in ("faces.mp4", "phone/upright.mp4", "empty.mp4"):
+        source, restored = probe(clips / name), probe(out / name)
+        assert (restored.width, restored.height) == (source.width, source.height)
+        assert restored.frame_count == source.frame_count and restored.frame_rate == source.frame_rate
+        assert restored.audio_streams == source.audio_streams
+    assert probe(out / "phone" / "upright.mp4").rotation == 0  # written upright, displayed the same
+    with av.open(str(clips / "faces.mp4")) as a, av.open(str(out / "faces.mp4")) as b:
+        assert [p.pts for p in a.demux(audio=0)] == [p.pts for p in b.demux(audio=0)]  # audio copied
+    with VideoReader(clips / "empty.mp4") as a, VideoReader(out / "empty.mp4") as b:
+        diffs = [np.abs(x.rgb.astype(int) - y.rgb.astype(int)).mean() for x, y in zip(a.frames(), b.frames())]
+    print(f"faceless frames after restore: mean abs diff {max(diffs):.2f}/255 at most")
+    assert max(diffs) <= 2.0
+    changed = []
+    with VideoReader(clips / "faces.mp4") as a, VideoReader(out / "faces.mp4") as b:
+        for x, y in zip(a.frames(), b.frames()):
+            changed.append(np.abs(x.rgb.astype(int) - y.rgb.astype(int)).max())
+    assert min(changed) > 40  # the random-weight restorer visibly changed every frame's faces
