@@ -20,8 +20,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GPEN_SHARED", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
+REFERENCE = REPO / "tests" / "data"  # golden tensors and checkpoint manifests (see its README)
 COMFY_DIR = Path(os.environ.get("GPEN_COMFY_DIR", REPO / ".host" / "ComfyUI"))
 
 
