@@ -157,7 +157,7 @@ if __name__ == "__main__":
     from uihost import browser_page
     from conftest import ComfyHost
 
-    server = ComfyHost(Path(tempfile.mkdtemp()))
+    server = ComfyHost.with_pack(Path(tempfile.mkdtemp()))
     try:
         with browser_page(server.url) as page:
             for workflow in WORKFLOWS:

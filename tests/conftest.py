@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,8 +21,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GPEN_SHARED", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
+REFERENCE = REPO / "tests" / "data"  # golden tensors and checkpoint manifests (see its README)
 COMFY_DIR = Path(os.environ.get("GPEN_COMFY_DIR", REPO / ".host" / "ComfyUI"))
 
 
@@ -87,38 +87,60 @@ def gpen512_file(tmp_path_factory, manifests) -> Path:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class ComfyHost:
-    """A real ComfyUI server with this pack in custom_nodes, driven over its HTTP API."""
+    """A real ComfyUI server started by ``command``, driven over its HTTP API.
 
-    def __init__(self, base: Path):
+    It must start cleanly: an ``IMPORT FAILED`` in its log (a core node or a custom node that
+    did not load) fails the start, so every host a test uses proves a clean install.
+    """
+
+    def __init__(self, base: Path, command: list[str], cwd: Path, port: int,
+                 env: dict[str, str] | None = None, start_timeout: float = 180):
         self.base = base
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = base / "server.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_until_serving(start_timeout)
+            failures = [line.strip() for line in self.log_path.read_text().splitlines()
+                        if "IMPORT FAILED" in line]
+            assert not failures, f"ComfyUI reported {failures}; see {self.log_path}"
+        except BaseException:
+            self.stop()
+            raise
+
+    @classmethod
+    def with_pack(cls, base: Path) -> ComfyHost:
+        """COMFY_DIR run by this Python, with this checkout linked into ``base/custom_nodes``."""
         for sub in ("custom_nodes", "input", "output", "user", "models/facerestore_models",
                     "models/facedetection"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / "comfyui-gpen").symlink_to(REPO, target_is_directory=True)
-        self.log = open(base / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--database-url", f"sqlite:///{base}/user/comfyui.db"],
-            cwd=COMFY_DIR, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
+        port = free_port()
+        return cls(base, [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                          "--base-directory", str(base), "--database-url", f"sqlite:///{base}/user/comfyui.db"],
+                   cwd=COMFY_DIR, port=port)
+
+    def _wait_until_serving(self, timeout: float) -> None:
+        deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited at start-up; see {base / 'server.log'}")
+                raise RuntimeError(f"ComfyUI exited at start-up; see {self.log_path}")
             try:
-                self.get("/object_info/GPENRestore")
+                self.get("/system_stats")
                 return
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.5)
-        raise RuntimeError("ComfyUI did not answer within 180 s")
+        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
 
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
@@ -149,11 +171,14 @@ class ComfyHost:
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        """End the server and anything it started (its own process group)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         self.log.close()
 
 
@@ -162,7 +187,7 @@ def host(tmp_path_factory) -> ComfyHost:
     if not (COMFY_DIR / "main.py").is_file():
         raise RuntimeError(f"No ComfyUI at {COMFY_DIR}: run `bash scripts/setup.sh` first, or set "
                            f"GPEN_COMFY_DIR.")
-    server = ComfyHost(tmp_path_factory.mktemp("comfy"))
+    server = ComfyHost.with_pack(tmp_path_factory.mktemp("comfy"))
     yield server
     server.stop()
 

@@ -1,7 +1,9 @@
 """The pack in a real ComfyUI 0.3.75 server: registration, workflows over /prompt, errors."""
 
 import threading
+import wave
 
+import av
 import cv2
 import numpy as np
 import psutil
@@ -52,6 +54,32 @@ def test_nodes_are_registered_with_tooltips_and_descriptions(host):
         assert info["description"]
         for name, spec in info["input"]["required"].items():
             assert spec[1].get("tooltip"), f"{class_name}.{name} has no tooltip"
+
+
+def test_core_audio_nodes_resample_with_torchaudio(host):
+    """ComfyUI's own audio nodes load (torchaudio from setup.sh) and resample: a 44.1 kHz tone
+    merged onto 48 kHz silence must come out at 48 kHz still at 440 Hz."""
+    rate = 44100
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
+    with wave.open(str(host.base / "input" / "tone.wav"), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((tone * 32767).astype("<i2").tobytes())
+    entry = host.run({
+        "1": {"class_type": "LoadAudio", "inputs": {"audio": "tone.wav"}},
+        "2": {"class_type": "EmptyAudio", "inputs": {"duration": 1.0, "sample_rate": 48000, "channels": 1}},
+        "3": {"class_type": "AudioMerge", "inputs": {"audio1": ["2", 0], "audio2": ["1", 0], "merge_method": "add"}},
+        "4": {"class_type": "SaveAudio", "inputs": {"audio": ["3", 0], "filename_prefix": "tone"}},
+    })
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved_audio = entry["outputs"]["4"]["audio"][0]
+    with av.open(str(host.base / "output" / saved_audio["subfolder"] / saved_audio["filename"])) as flac:
+        stream = flac.streams.audio[0]
+        samples = np.concatenate([frame.to_ndarray().reshape(-1) for frame in flac.decode(stream)])
+    assert stream.rate == 48000 and len(samples) == 48000
+    spectrum = np.abs(np.fft.rfft(samples))
+    assert np.fft.rfftfreq(len(samples), 1 / stream.rate)[spectrum.argmax()] == pytest.approx(440, abs=1)
 
 
 def test_model_list_shows_the_weights(served):
