@@ -1,6 +1,6 @@
 """Alignment to GPEN's five-point template, and the resampling both ways.
 
-The template is the authors' (tests/data README), scaled exactly with the model size, so a 1024 or
+The template is the authors' (their align_faces.py), scaled exactly with the model size, so a 1024 or
 2048 model gets its face cut at full resolution from the source frame rather than upscaled from
 a 512 crop.
 
