@@ -9,7 +9,7 @@ tensors now on it. ComfyUI's CLI flags are parsed as its main.py does, with ``--
 nothing asks CUDA; the VRAM state those flags give on a GPU host is then set (on a CPU host
 ComfyUI would say DISABLED). The only functions replaced are ComfyUI's device queries
 (``get_torch_device``, ``get_free_memory``), the two constants ComfyUI sets for NVIDIA hosts,
-``Tensor.to`` off ``meta`` (which holds no values) and, for the precision cases, torch's CUDA
+``Tensor.to``/``cpu`` off ``meta`` (which holds no values) and, for the precision cases, torch's CUDA
 property queries. Prints one JSON line: what the scenario observed.
 """
 
@@ -73,6 +73,8 @@ class StandInGPU:
         mm.get_torch_device = lambda: torch.device("meta")
         mm.get_free_memory = self.free
         torch.Tensor.to = offloadable_to(torch.Tensor.to)
+        real_cpu = torch.Tensor.cpu
+        torch.Tensor.cpu = lambda t, *a, **k: t.to("cpu") if t.device.type == "meta" else real_cpu(t, *a, **k)
 
     def used(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.modules
