@@ -5,6 +5,7 @@
                                                       #   and the ComfyUI node path
     python -m gpen.bench --sizes 512 1024 2048 --batches 1 8 --compile   # e.g. on a GPU
     python -m gpen.bench --memory --sizes 512 1024 2048   # peak memory against the estimate
+    python -m gpen.bench --memory --device meta           # the same, allocations only (fast)
     python -m gpen.bench --stages              # per-stage ms of a 1080p one-face frame
 
 Every path runs the same random-weight generator on the same input. ``ms/face`` is the median
@@ -146,7 +147,9 @@ def authors_formulation(model: FullGenerator, x: torch.Tensor) -> torch.Tensor:
 
 class PeakLiveBytes(TorchDispatchMode):
     """Tracks the bytes of tensor storages created inside it that are still alive, and their
-    peak: the memory a forward needs on any device (weights and tensors made before excluded)."""
+    peak: the memory a forward needs on any device (weights and tensors made before excluded).
+    On the ``meta`` device the same forward allocates the same storages without computing
+    anything, so large models and slow dtypes are measured in seconds (``--device meta``)."""
 
     def __init__(self):
         super().__init__()
@@ -162,7 +165,7 @@ class PeakLiveBytes(TorchDispatchMode):
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
-        key = storage.data_ptr()
+        key = storage._cdata  # the storage itself (unlike its data pointer, distinct on ``meta``)
         if key in self._sizes or storage.nbytes() == 0:
             return
         self._sizes[key] = storage.nbytes()
@@ -176,7 +179,7 @@ class PeakLiveBytes(TorchDispatchMode):
     def ignore(self, *tensors: torch.Tensor) -> PeakLiveBytes:
         """Treat these existing tensors' storages (weights, say) as not created here."""
         for tensor in tensors:
-            self._sizes.setdefault(tensor.untyped_storage().data_ptr(), 0)
+            self._sizes.setdefault(tensor.untyped_storage()._cdata, 0)
         return self
 
 
@@ -307,10 +310,11 @@ def memory(sizes: list[int], device: torch.device, dtypes: list[str]) -> list[di
     """Measured peak live bytes of one face against ``peak_activation_bytes``."""
     rows = []
     for size in sizes:
-        torch.manual_seed(0)
-        reference = FullGenerator(GPENConfig(size)).eval().requires_grad_(False)
         for name in dtypes:
-            model = reference.to(device=device, dtype=DTYPES[name]).to_channels_last()
+            torch.manual_seed(0)
+            with torch.device("meta" if device.type == "meta" else "cpu"):  # no values on meta
+                model = FullGenerator(GPENConfig(size))
+            model = model.eval().requires_grad_(False).to(device=device, dtype=DTYPES[name]).to_channels_last()
             x = (torch.rand(1, 3, size, size) * 2 - 1).to(device=device, dtype=DTYPES[name])
             measured = measured_peak_bytes(model, x.contiguous(memory_format=torch.channels_last))
             estimate = peak_activation_bytes(model.config, DTYPES[name])
@@ -420,7 +424,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sizes = args.sizes or ([512, 1024, 2048] if cuda or args.stages else [512])
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu (native bf16: {execution.cpu_has_native_bf16()})"
+        f"cpu (native bf16: {execution.cpu_has_native_bf16()})" if device.type == "cpu" else str(device)
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.stages:
         dtype = DTYPES[args.dtype] if args.dtype else execution.default_dtype(device)

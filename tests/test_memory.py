@@ -116,3 +116,19 @@ def test_in_place_inference_cuts_the_peak_with_identical_output():
     with tracker:
         model(x.clone())
     assert measured_peak_bytes(model, x) < 0.6 * tracker.peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_meta_device_measures_the_same_peak_as_the_cpu(dtype):
+    """``python -m gpen.bench --memory --device meta`` (allocations without compute, for 2048 in
+    every dtype) measures what a real forward allocates."""
+    config = GPENConfig(128, narrow=1 / 8)
+    peaks = []
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = FullGenerator(config)
+        model = model.eval().requires_grad_(False).to(dtype).to_channels_last()
+        x = torch.rand(2, 3, 128, 128, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        peaks.append(measured_peak_bytes(model, x))
+    assert peaks[0] == peaks[1]
