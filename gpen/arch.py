@@ -7,7 +7,8 @@ composed bottom-up in the manner of rosinality's stylegan2-pytorch ``model.py``.
 
 Modulated convolutions scale the activations by the style and the outputs by the
 demodulation factor instead of building one weight per sample; this is the same function as
-the authors' grouped convolution, but stays a single dense convolution at any batch size.
+the authors' grouped convolution, but stays a single dense convolution at any batch size. For a
+single face, layers whose activations outnumber their weights modulate the weights instead.
 
 Inference (no gradient recorded) overwrites intermediate tensors in place where the forward owns
 them (bias + activation + gain, demodulation, the modulated input, the feature scaling), and the
@@ -219,17 +220,27 @@ class ModulatedConv2d(nn.Module):
             largest_weight = weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(tiny)
             weight = weight * (self.scale / largest_weight)
             style = style / style.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+        if x.shape[0] == 1 and weight.numel() < x[0].numel():
+            # One face whose activations outnumber the weights: modulate and demodulate the
+            # weights instead (the authors' formulation), sparing two passes over the activations.
+            weight = weight * style[0, None, :, None, None].to(weight.dtype)
+            if self.demodulate:
+                energy = weight.float().square().sum((1, 2, 3))
+                weight = weight * torch.rsqrt(energy + 1e-8).to(weight.dtype)[:, None, None, None]
+            return self._convolve(x, weight)
         style_map = style.to(x.dtype)[:, :, None, None]
         x = x.mul_(style_map) if consume_input and overwrite_allowed() else x * style_map
-        if self.upsample:
-            out = self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
-        else:
-            out = F.conv2d(x, weight, padding=self.padding)
+        out = self._convolve(x, weight)
         if self.demodulate:
             energy = style.float().square() @ weight.float().square().sum((2, 3)).t()
             demod = torch.rsqrt(energy + 1e-8).to(out.dtype)[:, :, None, None]
             out = out.mul_(demod) if overwrite_allowed() else out * demod
         return out
+
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            return self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
+        return F.conv2d(x, weight, padding=self.padding)
 
 
 class NoiseInjection(nn.Module):
