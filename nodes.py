@@ -17,7 +17,7 @@ from comfy_api.latest import ComfyExtension, io
 # Inputs added after a node's first release are optional with defaults, so API prompts and
 # workflows saved before them keep validating and running unchanged.
 
-from .gpen import ModelLoadError, load_generator, pipeline
+from .gpen import ModelLoadError, execution, load_generator, pipeline
 from .gpen import image as im
 from .gpen.faces import load_detector
 from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, DetectOptions, PasteOptions, RestoreOptions,
@@ -33,6 +33,9 @@ CATEGORY = "GPEN"
 GPENModel = io.Custom("GPEN_MODEL")
 Faces = io.Custom("FACES")
 SEARCH_ALIASES = ["gpen", "face restore", "face enhance", "face restoration"]
+# Share of the free memory a batch may plan to use: convolution workspaces and allocator
+# fragmentation come on top of the live tensors the per-face estimate counts.
+MEMORY_HEADROOM = 0.85
 
 
 def _schema(**fields) -> io.Schema:
@@ -64,6 +67,82 @@ def _progress_callback(total: int):
     return update
 
 
+def auto_dtype(load_device: torch.device) -> torch.dtype:
+    """``auto`` precision: on a GPU, ComfyUI's own decisions for the device (fp16 where it is
+    reliable, else bf16, else fp32: GTX 16xx, Pascal on Linux and --force-fp32 give fp32). On a
+    CPU, bf16 where the CPU has native bf16 (AMX / AVX512-BF16: twice fp32's speed), else fp32;
+    --force-fp32 still forces fp32. (ComfyUI itself never picks bf16 on a CPU.)"""
+    if mm.is_device_cpu(load_device):
+        return torch.float32 if mm.FORCE_FP32 else execution.cpu_auto_dtype()
+    if mm.should_use_fp16(load_device):
+        return torch.float16
+    if mm.should_use_bf16(load_device):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_fully(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> None:
+    """Load a model completely onto its load device through ComfyUI's memory manager.
+
+    The pack's networks are plain torch modules, not comfy.ops layers, so ComfyUI can move them
+    only whole: its partial load would leave most of GPEN's weights behind (63%) and the forward
+    would crash. So they load the way ComfyUI loads its own such models (``force_full_load``, as
+    comfy/sd.py does for CLIP). --novram overrides that with a layer-streaming load only comfy.ops
+    layers can use; there the load is completed through the patcher's own ``partially_load``
+    (what ComfyUI's LoadedModel calls), so ComfyUI still accounts for and can offload it.
+    """
+    mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    if execution.misplaced_tensors(patcher.model, patcher.load_device):
+        patcher.partially_load(patcher.load_device, extra_memory=1e32)
+    execution.check_on_device(patcher.model, patcher.load_device)
+
+
+def batch_that_fits(device: torch.device, per_face: int, batch_size: int) -> int:
+    """The largest batch (at most ``batch_size``) whose activations fit in free memory: VRAM left
+    by the loaded models, or available RAM on a CPU."""
+    free = mm.get_free_memory(device)
+    if not mm.is_device_cpu(device):
+        free -= mm.extra_reserved_memory()
+    return max(1, min(batch_size, int(free * MEMORY_HEADROOM // per_face)))
+
+
+def prepare_generator(patcher: comfy.model_patcher.ModelPatcher, faces: int, batch_size: int) -> int:
+    """Load the generator fully, with room for the batches it will run, and return the batch
+    size to use (capped by the number of faces and by free memory)."""
+    model = patcher.model
+    dtype = next(model.parameters()).dtype
+    per_face = pipeline.activation_bytes(model.config, dtype)
+    batch = min(batch_size, faces)
+    load_fully(patcher, memory_required=per_face * batch)
+    return batch_that_fits(patcher.load_device, per_face, batch)
+
+
+def generator_patcher(model: torch.nn.Module, compile: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """The GPEN_MODEL value: the generator (NHWC, optionally compiled) under ComfyUI's memory
+    manager, to be loaded onto ComfyUI's device when it runs and offloaded when others need it."""
+    model = model.to_channels_last()
+    if compile:
+        execution.enable_compile(model)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+# Detectors and parsers are built once per process (cached by gpen.faces / gpen.parsing), and
+# so are the patchers that put them under ComfyUI's memory manager.
+_NET_PATCHERS: dict[torch.nn.Module, comfy.model_patcher.ModelPatcher] = {}
+
+
+def load_helper_net(net: torch.nn.Module) -> None:
+    """Put a detector or face parser (built on the CPU, cached for the process) under ComfyUI's
+    memory manager and load it for use: "Unload Models" and a diffusion model's load offload it
+    like any ComfyUI model. ModelPatcher keeps the net's ``device`` attribute, which facexlib and
+    facenet-pytorch read, in step with its weights."""
+    if net not in _NET_PATCHERS:
+        _NET_PATCHERS[net] = comfy.model_patcher.ModelPatcher(
+            net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    load_fully(_NET_PATCHERS[net])
+
+
 class LoadGPENModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -78,14 +157,21 @@ class LoadGPENModel(io.ComfyNode):
                                tooltip="GPEN-BFR-512/1024/2048 checkpoint in models/facerestore_models "
                                        "or models/gpen."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
-                               tooltip="auto: fp16 on a GPU, fp32 on CPU. bf16 saves memory on recent "
-                                       "GPUs; fp32 is exact but slowest."),
+                               tooltip="auto: on a GPU what ComfyUI picks for it (fp16 on most cards, "
+                                       "fp32 on GTX 16xx/Pascal or with --force-fp32); on a CPU bf16 "
+                                       "where the CPU has native bf16 (AMX / AVX512-BF16, about 2x "
+                                       "faster), else fp32. fp32 is exact but slowest."),
+                io.Boolean.Input("compile", default=False, optional=True,
+                                 tooltip="Compile the generator with torch.compile (CUDA graphs on "
+                                         "a GPU): faster per face, but the first run of each batch "
+                                         "size waits for the compiler (tens of seconds). Falls back "
+                                         "to the normal path if compiling fails."),
             ],
             outputs=[GPENModel.Output(display_name="gpen_model")],
         )
 
     @classmethod
-    def execute(cls, model_name: str, precision: str) -> io.NodeOutput:
+    def execute(cls, model_name: str, precision: str, compile: bool = False) -> io.NodeOutput:
         path = folder_paths.get_full_path(MODEL_FOLDER, model_name)
         if path is None:
             folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
@@ -93,12 +179,9 @@ class LoadGPENModel(io.ComfyNode):
                                  f"been moved or deleted; put it back or pick another file.")
         if precision not in PRECISIONS:
             raise ValueError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-        load_device = mm.get_torch_device()
-        dtype = PRECISIONS[precision] or (torch.float16 if load_device.type == "cuda" else torch.float32)
-        model = load_generator(path, device="cpu", dtype=dtype).to_channels_last()
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device,
-                                                   offload_device=mm.unet_offload_device())
-        return io.NodeOutput(patcher)
+        dtype = PRECISIONS[precision] or auto_dtype(mm.get_torch_device())
+        model = load_generator(path, device="cpu", dtype=dtype)
+        return io.NodeOutput(generator_patcher(model, compile))
 
 
 class DetectFaces(io.ComfyNode):
@@ -143,7 +226,8 @@ class DetectFaces(io.ComfyNode):
                                 min_size=float(min_size), indices=parse_indices(indices),
                                 smoothing=smoothing)
         model_dirs = tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER))
-        found = load_detector(detector, model_dirs, str(mm.get_torch_device()))
+        found = load_detector(detector, model_dirs, "cpu")
+        load_helper_net(found.net)
         faces = pipeline.detect(image, found, options, on_frame=_progress_callback(image.shape[0]))
         return io.NodeOutput(faces)
 
@@ -165,8 +249,8 @@ class GPENRestore(io.ComfyNode):
                                tooltip="1 = fully restored face, 0 = the original; in between mixes "
                                        "them (the authors use 0.8 for 2048)."),
                 io.Int.Input("batch_size", default=4, min=1, max=64,
-                             tooltip="Faces per forward pass; halved automatically if the GPU runs "
-                                     "out of memory."),
+                             tooltip="Faces per forward pass, at most: lowered to what free memory "
+                                     "holds, and halved if the GPU still runs out of memory."),
             ],
             outputs=[io.Image.Output(display_name="restored_faces"),
                      Faces.Output(display_name="faces")],
@@ -179,13 +263,10 @@ class GPENRestore(io.ComfyNode):
         model = gpen_model.model
         crops, aligned = pipeline.align(image, faces, model.size, gpen_model.load_device)
         if aligned.count:
-            dtype = next(model.parameters()).dtype
-            per_face = pipeline.activation_bytes(model.size, dtype)
-            device = gpen_model.load_device
-            mm.load_models_gpu([gpen_model], memory_required=per_face * batch_size)
-            fits = int(mm.get_free_memory(device) * 0.8 // per_face)
-            options = dataclasses.replace(options, batch_size=max(1, min(batch_size, fits)))
-            crops = pipeline.restore(model, crops, options, device, dtype,
+            batch = prepare_generator(gpen_model, aligned.count, batch_size)
+            options = dataclasses.replace(options, batch_size=batch)
+            crops = pipeline.restore(model, crops, options, gpen_model.load_device,
+                                     next(model.parameters()).dtype,
                                      on_batch=_progress_callback(aligned.count))
         return io.NodeOutput(crops, aligned)
 
@@ -235,8 +316,8 @@ class PasteBack(io.ComfyNode):
                                mask=mask)
         parser = None
         if options.parser:
-            parser = load_parser(options.parser, tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)),
-                                 str(mm.get_torch_device()))
+            parser = load_parser(options.parser, tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)))
+            load_helper_net(parser.net)
         upscaler = pipeline.enlarge if upscale_model is None else _model_upscaler(upscale_model)
         out, paste_mask = pipeline.paste(image, restored_faces, faces, options, upscaler, parser,
                                          _progress_callback(image.shape[0]), mm.get_torch_device())

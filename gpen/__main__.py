@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import execution
 from .engine import FrameEngine, load_restorer
 from .faces import DetectorError
 from .files import FileRestorer, Outcome, Task, plan
@@ -56,7 +57,7 @@ def add_restore_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="GPEN-BFR checkpoint (.pth/.pt/.safetensors)")
     model.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                       help="auto: fp16 on a GPU, fp32 on the CPU")
+                       help="auto: fp16 on a GPU; on the CPU bf16 where it has native bf16, else fp32")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     model.add_argument("--weights-dir", action="append", default=[],
                        help="folder with facexlib weights (RetinaFace detectors, parsing masks); repeatable")
@@ -104,7 +105,7 @@ def restore(args: argparse.Namespace) -> int:
                PasteOptions(feather=args.feather, colour=args.color_correction, blend=args.blend,
                             upscale=args.upscale, mask=args.mask))
     device = torch.device(args.device)
-    dtype = PRECISIONS.get(args.precision) or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = PRECISIONS.get(args.precision) or execution.default_dtype(device)
     restorer = load_restorer(args.model, device, dtype, args.detector, tuple(args.weights_dir), args.mask,
                              args.upscale_model)
     print(f"{len(tasks)} file(s), GPEN-{restorer.model.size} on {device} ({str(dtype).removeprefix('torch.')})")

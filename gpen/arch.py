@@ -7,7 +7,15 @@ composed bottom-up in the manner of rosinality's stylegan2-pytorch ``model.py``.
 
 Modulated convolutions scale the activations by the style and the outputs by the
 demodulation factor instead of building one weight per sample; this is the same function as
-the authors' grouped convolution, but stays a single dense convolution at any batch size.
+the authors' grouped convolution, but stays a single dense convolution at any batch size. For a
+single face, layers whose activations outnumber their weights modulate the weights instead.
+
+Inference (no gradient recorded) overwrites intermediate tensors in place where the forward owns
+them (bias + activation + gain, demodulation, the modulated input, the feature scaling), and the
+encoder features are dropped as soon as the decoder has used them: the same numbers with about
+a third of the peak memory. ``peak_activation_bytes`` models that peak for the batch-size cap.
+In fp16 the mapping network's normalisation runs in fp32 and modulated convolutions
+pre-normalise styles and weights (as StyleGAN2-ADA does), so large styles cannot overflow.
 """
 
 from __future__ import annotations
@@ -60,29 +68,54 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
     if up > 1:
         x = x.reshape(b, c, h, 1, w, 1)
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1)).reshape(b, c, h * up, w * up)
-    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
     weight = kernel.flip((0, 1)).to(x.dtype).expand(c, 1, *kernel.shape)
+    if pad[0] == pad[1]:  # the convolution pads with zeros itself, without a padded copy
+        return F.conv2d(x, weight, stride=down, padding=pad[0], groups=c)
+    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
     return F.conv2d(x, weight, stride=down, groups=c)
 
 
-def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Bias, leaky ReLU and the sqrt(2) gain that keeps activations at unit variance."""
+def overwrite_allowed() -> bool:
+    """In-place updates are only taken when no gradient is recorded (inference, no_grad), so
+    autograd always sees the plain out-of-place graph."""
+    return not torch.is_grad_enabled()
+
+
+def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Bias, leaky ReLU and the sqrt(2) gain that keeps activations at unit variance.
+
+    ``inplace`` lets it overwrite ``x`` (a tensor the caller owns) when no gradient is recorded:
+    the same three operations in the same order, so the same numbers, without two temporaries
+    of the input's size.
+    """
     shape = (1, -1) + (1,) * (x.ndim - 2)
+    if inplace and overwrite_allowed():
+        return F.leaky_relu_(x.add_(bias.view(shape)), LEAKY_SLOPE).mul_(LEAKY_GAIN)
     return F.leaky_relu(x + bias.view(shape), LEAKY_SLOPE) * LEAKY_GAIN
 
 
 class PixelNorm(nn.Module):
+    """Normalises the latent to unit RMS. An fp16 latent is normalised in fp32: squaring a
+    large one overflows fp16's range (bf16 has fp32's range and measures closer to the authors'
+    output computed natively, 48 vs 46 dB on golden_a)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            return self.forward(x.float()).half()
         return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
 
 
 class FusedLeakyReLU(nn.Module):
-    def __init__(self, channels: int):
+    """Bias + leaky ReLU + gain; ``inplace`` when its input is always a fresh tensor (like
+    ``nn.ReLU(inplace=True)``)."""
+
+    def __init__(self, channels: int, inplace: bool = False):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(channels))
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_leaky_relu(x, self.bias)
+        return fused_leaky_relu(x, self.bias, self.inplace)
 
 
 class Blur(nn.Module):
@@ -139,7 +172,8 @@ class EqualLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activate:
-            return fused_leaky_relu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul)
+            return fused_leaky_relu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul,
+                                    inplace=True)
         return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
 
 
@@ -154,7 +188,7 @@ class ConvLayer(nn.Sequential):
             layers.append(EqualConv2d(in_ch, out_ch, kernel_size, stride=2))
         else:
             layers.append(EqualConv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2))
-        layers.append(FusedLeakyReLU(out_ch))
+        layers.append(FusedLeakyReLU(out_ch, inplace=True))
         super().__init__(*layers)
 
 
@@ -174,18 +208,39 @@ class ModulatedConv2d(nn.Module):
             p = (len(BLUR_TAPS) - 2) - (kernel_size - 1)
             self.blur = Blur(pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, consume_input: bool = False) -> torch.Tensor:
+        """``consume_input``: the caller no longer needs ``x``, so it may be modulated in place."""
         style = self.modulation(w)
         weight = self.weight[0] * self.scale
-        x = x * style[:, :, None, None]
-        if self.upsample:
-            out = self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
-        else:
-            out = F.conv2d(x, weight, padding=self.padding)
+        if self.demodulate and x.dtype == torch.float16:
+            # StyleGAN2-ADA's fp16 guard: bring styles and weights to at most 1 (weights to
+            # 1/sqrt(fan-in)) before they touch the activations. Demodulation divides both
+            # factors out again, so only the overflow goes away.
+            tiny = torch.finfo(x.dtype).tiny
+            largest_weight = weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(tiny)
+            weight = weight * (self.scale / largest_weight)
+            style = style / style.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+        if x.shape[0] == 1 and weight.numel() < x[0].numel():
+            # One face whose activations outnumber the weights: modulate and demodulate the
+            # weights instead (the authors' formulation), sparing two passes over the activations.
+            weight = weight * style[0, None, :, None, None].to(weight.dtype)
+            if self.demodulate:
+                energy = weight.float().square().sum((1, 2, 3))
+                weight = weight * torch.rsqrt(energy + 1e-8).to(weight.dtype)[:, None, None, None]
+            return self._convolve(x, weight)
+        style_map = style.to(x.dtype)[:, :, None, None]
+        x = x.mul_(style_map) if consume_input and overwrite_allowed() else x * style_map
+        out = self._convolve(x, weight)
         if self.demodulate:
             energy = style.float().square() @ weight.float().square().sum((2, 3)).t()
-            out = out * torch.rsqrt(energy + 1e-8).to(out.dtype)[:, :, None, None]
+            demod = torch.rsqrt(energy + 1e-8).to(out.dtype)[:, :, None, None]
+            out = out.mul_(demod) if overwrite_allowed() else out * demod
         return out
+
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            return self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
+        return F.conv2d(x, weight, padding=self.padding)
 
 
 class NoiseInjection(nn.Module):
@@ -195,7 +250,13 @@ class NoiseInjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, feature: torch.Tensor,
+                into: torch.Tensor | None = None) -> torch.Tensor:
+        """``into``: a dead tensor of the result's shape to write the result into."""
+        if overwrite_allowed():  # scale the copy inside the concatenation, not a third tensor
+            out = torch.cat((x, feature), dim=1, out=into)
+            out[:, x.shape[1]:].mul_(self.weight)
+            return out
         return torch.cat((x, self.weight * feature), dim=1)
 
 
@@ -204,10 +265,14 @@ class StyledConv(nn.Module):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, out_ch, 3, style_dim, upsample=upsample)
         self.noise = NoiseInjection()
-        self.activate = FusedLeakyReLU(out_ch * 2)
+        self.activate = FusedLeakyReLU(out_ch * 2, inplace=True)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.noise(self.conv(x, w), feature))
+    def forward(self, x: torch.Tensor, w: torch.Tensor, feature: torch.Tensor,
+                consume_input: bool = False) -> torch.Tensor:
+        out = self.conv(x, w, consume_input)
+        # Without upsampling the input has the output's shape: once convolved it can hold it.
+        reuse = consume_input and overwrite_allowed() and not self.conv.upsample
+        return self.activate(self.noise(out, feature, into=x if reuse else None))
 
 
 class ToRGB(nn.Module):
@@ -259,13 +324,19 @@ class StyleDecoder(nn.Module):
             in_ch = out_ch
 
     def forward(self, latent: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        """``features`` run coarse to fine: one 4x4 map, then one per resolution up to S."""
+        """``features`` run fine to coarse (the encoder's order, S down to 4x4) and are taken
+        off the list as they are used, so each map is freed as early as possible."""
         w = self.style(latent)
-        out = self.conv1(self.input(latent.shape[0]), w, features[0])
+        feature = features.pop()
+        out = self.conv1(self.input(latent.shape[0]), w, feature)
         skip = self.to_rgb1(out, w)
-        for up_conv, conv, to_rgb, feature in zip(self.convs[::2], self.convs[1::2], self.to_rgbs,
-                                                  features[1:]):
-            out = conv(up_conv(out, w, feature), w, feature)
+        for up_conv, conv, to_rgb in zip(self.convs[::2], self.convs[1::2], self.to_rgbs):
+            feature = features.pop()
+            # Each level's input is read by nothing else (to_rgb has already used it), and
+            # rebinding ``out`` at once frees the previous level's activations.
+            out = up_conv(out, w, feature, consume_input=True)
+            out = conv(out, w, feature, consume_input=True)
+            feature = None
             skip = to_rgb(out, w, skip)
         return skip
 
@@ -310,4 +381,34 @@ class FullGenerator(nn.Module):
             x = encoder(x)
             features.append(x)
         latent = self.final_linear(x.flatten(1))
-        return self.generator(latent, features[::-1])
+        del x
+        return self.generator(latent, features)
+
+
+def peak_activation_bytes(config: GPENConfig, dtype: torch.dtype, batch: int = 1) -> int:
+    """Peak bytes of live tensors in one inference forward of ``batch`` faces, input included.
+
+    Follows the forward's allocations phase by phase (weights excluded): at each decoder level
+    the previous level's output, the (transposed) convolution's output, the concatenation with
+    the encoder feature, and every encoder feature not used yet. The full-resolution level
+    dominates (about five feature planes per channel at S x S), so memory grows linearly with S.
+    Checked against the measured peak by ``python -m gpen.bench --memory`` and the tests.
+    """
+    ch = config.channels()
+    feature = {r: ch[r] * r * r for r in (2**k for k in range(2, config.log_size + 1))}
+    unused = sum(feature.values())  # every encoder feature is alive when the decoder starts
+    # The encoder's first blur copies the full-resolution feature; counting every feature
+    # beside it bounds the encoder from above.
+    peak = unused + feature[config.size]
+    unused -= feature[4]  # used by conv1 (4x4), which is small next to what follows
+    for log_res in range(3, config.log_size + 1):
+        r, c = 2**log_res, ch[2**log_res]
+        previous = 2 * ch[r // 2] * (r // 2) ** 2  # last level's output: consumed, still alive
+        upsampled = c * (r + 1) ** 2 + c * r * r  # transposed convolution, then its blur
+        concatenated = c * r * r + 2 * c * r * r  # convolution output + concatenation
+        peak = max(peak, unused + previous + max(upsampled, concatenated),
+                   unused + 2 * c * r * r + c * r * r)  # second convolution (writes into its input)
+        unused -= feature[r]
+        peak = max(peak, unused + 4 * c * r * r)  # to_rgb modulates a copy of the output
+    small = 9 * config.size**2  # the input face, the RGB skip and its upsampled copy
+    return (peak + small) * batch * torch.finfo(dtype).bits // 8

@@ -81,7 +81,13 @@ class FaceSet:
 
 
 class Detector:
-    """A loaded face detector: ``detect(rgb_uint8)`` -> faces above a low floor score."""
+    """A loaded face detector: ``detect(rgb_uint8)`` -> faces above a low floor score.
+
+    ``net`` is its torch module; it runs wherever that module's weights and ``device`` attribute
+    say (both kept in step by whoever moves it, e.g. ComfyUI's ModelPatcher).
+    """
+
+    net: torch.nn.Module
 
     def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
         raise NotImplementedError
@@ -126,6 +132,12 @@ class RetinaFaceDetector(Detector):
         self.net = load_facexlib_net(lambda: RetinaFace(network_name=network, half=False, device=device),
                                      weights, RETINAFACE_URL, "Face detector weights",
                                      f"the RetinaFace {network} detector")
+        # facexlib keeps its input mean as a plain tensor on the build device; as a buffer it
+        # moves with the weights when a memory manager moves the net (whose ``device``
+        # attribute facexlib reads for everything else).
+        mean = self.net.mean_tensor
+        del self.net.mean_tensor
+        self.net.register_buffer("mean_tensor", mean, persistent=False)
 
     def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
         with torch.no_grad():

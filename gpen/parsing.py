@@ -39,15 +39,20 @@ class FaceParser:
             (lambda: ParseNet(PARSE_SIZE, PARSE_SIZE, parsing_ch=19))
         net = load_facexlib_net(build, weights, PARSERS[name][1], "Face parsing weights", f"facexlib's {name}")
         self.name = name
-        self.device = torch.device(device)
-        self.net = net.eval().to(self.device)
+        self.net = net.eval().to(torch.device(device))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the net's weights are now (a memory manager may have moved them)."""
+        return next(self.net.parameters()).device
 
     def labels(self, crop: torch.Tensor) -> torch.Tensor:
         """Per-pixel class (0..18) of an RGB crop ``[3,S,S]`` in 0..1, at ``PARSE_SIZE``."""
-        x = resize(crop.to(self.device, torch.float32), PARSE_SIZE, PARSE_SIZE)[None]
+        device = self.device
+        x = resize(crop.to(device, torch.float32), PARSE_SIZE, PARSE_SIZE)[None]
         if self.name == "bisenet":
-            mean = torch.tensor(IMAGENET_MEAN, device=self.device)[:, None, None]
-            std = torch.tensor(IMAGENET_STD, device=self.device)[:, None, None]
+            mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+            std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
             x = (x - mean) / std
         else:
             x = x * 2 - 1

@@ -7,19 +7,23 @@ faces exactly as they were.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from . import execution
 from . import image as im
 from .align import affine_scale, alignment, cut_crop, resize
+from .arch import FullGenerator, GPENConfig, peak_activation_bytes
 from .faces import Detector, Face, FaceSet
 from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
 from .paste import composite, place_face
 from .temporal import FaceFinder
 
+logger = logging.getLogger(__name__)
 BatchCallback = Callable[[int, int], None]
 Upscaler = Callable[[torch.Tensor, int, int], torch.Tensor]  # [3,H,W] frame, width, height
 
@@ -75,39 +79,58 @@ def align_frame(frame: torch.Tensor, faces: list[Face], size: int) -> tuple[torc
     return (torch.stack(crops) if crops else frame.new_zeros(0, 3, size, size)), affines
 
 
-def activation_bytes(size: int, dtype: torch.dtype) -> int:
-    """Rough peak activation memory of one face: the full-resolution layers dominate (about 100
-    feature planes of S x S live at once, counting the concatenated encoder features)."""
-    return size * size * 100 * torch.finfo(dtype).bits // 8
+def activation_bytes(config: GPENConfig, dtype: torch.dtype) -> int:
+    """Peak memory one face needs in a forward (weights excluded), for the batch-size cap."""
+    return peak_activation_bytes(config, dtype)
 
 
-def restore_batch(model: torch.nn.Module, crops: torch.Tensor, strength: float,
-                  dtype: torch.dtype) -> torch.Tensor:
+def restore_batch(model: FullGenerator, crops: torch.Tensor, strength: float, dtype: torch.dtype,
+                  pad_to: int = 0) -> torch.Tensor:
     """One forward pass: crops ``[N,3,S,S]`` in 0..1 on the model's device -> restored crops
-    (float32, 0..1), mixed with the input by ``strength``."""
+    (float32, 0..1), mixed with the input by ``strength``.
+
+    The model runs compiled if ``execution.enable_compile`` was called on it; ``pad_to`` pads the
+    batch with blank faces to that size first (one shape per compiled graph). A half-precision
+    output that is not finite (an overflow) is computed again in fp32, and logged.
+    """
+    count = crops.shape[0]
     with torch.inference_mode():
         # NHWC: 1.3x faster on CPU for one 512 face (python -m gpen.bench), same result.
         x = (crops * 2.0 - 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
-        restored = ((model(x).float() + 1.0) / 2.0).clamp_(0.0, 1.0)
+        if count < pad_to:
+            x = torch.cat((x, x.new_zeros((pad_to - count, *x.shape[1:])))).contiguous(
+                memory_format=torch.channels_last)
+        out = execution.forward_of(model)(x)[:count]
+        if dtype != torch.float32 and not torch.isfinite(out).all():
+            logger.warning("GPEN: the %s output of a batch of %d face(s) is not finite (an overflow); "
+                           "running it again in fp32.", str(dtype).removeprefix("torch."), count)
+            out = execution.fp32_rerun(model, x[:count])
+        restored = ((out.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
         return torch.lerp(crops.float(), restored, strength) if strength < 1.0 else restored
 
 
-def restore_crops(model: torch.nn.Module, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
+def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   on_batch: BatchCallback | None = None) -> torch.Tensor:
     """Restore crops ``[N,3,S,S]`` (0..1, on any device) on ``device`` in batches of at most
     ``options.batch_size``; returns them on the crops' device.
 
-    An out-of-memory error halves the batch and retries; any other error propagates.
+    Every weight must already be on ``device`` (checked first, with a clear error). A compiled
+    model runs batches of a power of two, the last one padded, so few shapes are ever compiled
+    and each graph (a CUDA graph on a GPU) keeps its shape. An out-of-memory error halves the
+    batch and retries; any other error propagates.
     """
+    execution.check_on_device(model, device)
+    compiled = execution.is_compiled(model)
     total = crops.shape[0]
     out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
     start = 0
-    batch_size = options.batch_size
+    batch_size = 1 << (options.batch_size.bit_length() - 1) if compiled else options.batch_size
     while start < total:
         chunk = crops[start:start + batch_size]
         try:
-            restored = restore_batch(model, chunk.to(device), options.strength, dtype)
+            restored = restore_batch(model, chunk.to(device), options.strength, dtype,
+                                     pad_to=batch_size if compiled else 0)
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -120,7 +143,7 @@ def restore_crops(model: torch.nn.Module, crops: torch.Tensor, options: RestoreO
     return out
 
 
-def restore(model: torch.nn.Module, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
+def restore(model: FullGenerator, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             on_batch: BatchCallback | None = None) -> torch.Tensor:
     """``restore_crops`` for an IMAGE batch of aligned crops; returns an IMAGE batch."""

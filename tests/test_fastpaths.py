@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REFERENCE
-from gpen import load_generator
+from gpen import execution, load_generator
 from gpen.bench import main as bench_main
 from gpen.bench import psnr
 
@@ -39,12 +39,16 @@ def test_half_precision_is_close_to_the_official_fp32_output(golden, dtype, boun
 
 
 def test_benchmark_script_reports_every_path(capsys):
-    rows = bench_main(["--sizes", "32", "--batches", "1", "2", "--repeats", "1"])
-    assert {(r["batch"], r["path"]) for r in rows} == {
-        (b, p) for b in (1, 2) for p in ("fp32 eager", "fp32 channels_last")}
+    rows = bench_main(["--sizes", "16", "--batches", "1", "2", "--repeats", "1", "--dtypes", "fp32",
+                       "--authors", "--node"])
+    auto = "bf16" if execution.cpu_has_native_bf16() else "fp32"
+    assert [(r["batch"], r["path"]) for r in rows] == [
+        (b, p) for b in (1, 2) for p in ("authors' formulation fp32", "fp32 eager", f"node path auto={auto}")]
     for row in rows:
-        assert row["ms_per_face"] > 0 and row["peak_mib"] > 0 and row["psnr"] > 60
-    assert "vs fp32" in capsys.readouterr().out
+        assert row["ms_per_face"] > 0 and row["first_s"] > 0
+        if row["path"] != "node path auto=bf16":
+            assert row["max_abs"] < 1e-4  # the authors' formulation computes what ours computes
+    assert rows[0]["speedup"] == 1.0 and "vs base" in capsys.readouterr().out
 
 
 def test_stage_benchmark_times_every_stage(capsys):

@@ -52,8 +52,14 @@ def test_nodes_are_registered_with_tooltips_and_descriptions(host):
         info = host.get(f"/object_info/{class_name}")[class_name]
         assert info["display_name"] == display
         assert info["description"]
-        for name, spec in info["input"]["required"].items():
+        for name, spec in {**info["input"]["required"], **info["input"].get("optional", {})}.items():
             assert spec[1].get("tooltip"), f"{class_name}.{name} has no tooltip"
+    # Inputs added later are optional and come last: saved workflows keep their widget values.
+    loader = host.get("/object_info/GPENModelLoader")["GPENModelLoader"]
+    assert loader["input_order"]["required"] == ["model_name", "precision"]
+    assert loader["input_order"]["optional"] == ["compile"]
+    assert loader["input"]["optional"]["compile"][0] == "BOOLEAN"
+    assert loader["input"]["optional"]["compile"][1]["default"] is False
 
 
 def test_core_audio_nodes_resample_with_torchaudio(host):
@@ -106,6 +112,20 @@ def test_restore_workflow_changes_only_the_face(served, astronaut):
     far = np.ones_like(changed)
     far[int(y0 - pad_y):int(y1 + pad_y), int(x0 - pad_x):int(x1 + pad_x)] = False
     assert diff[far].max() <= 1  # elsewhere at most one 8-bit level (the blend's widest band)
+
+
+def test_restore_workflow_with_compile_matches_eager(served):
+    """The loader's compile switch in the real server: torch.compile'd (first run compiles),
+    the same picture as the eager run to within one 8-bit level."""
+    eager = restore_graph("astronaut.png", model="GPEN-tiny-64.pth", prefix="eager")
+    compiled = restore_graph("astronaut.png", model="GPEN-tiny-64.pth", prefix="compiled")
+    compiled["2"]["inputs"]["compile"] = True
+    first, second = served.run(eager), served.run(compiled, timeout=900)
+    assert second["status"]["status_str"] == "success", second["status"]
+    difference = np.abs(saved(served, first, "6").astype(int) - saved(served, second, "6").astype(int))
+    assert difference.max() <= 1
+    log = (served.base / "server.log").read_text()
+    assert "GPEN: first compiled call for [1, 3, 64, 64]" in log and "torch.compile failed" not in log
 
 
 def test_image_without_faces_is_saved_unchanged(served):
