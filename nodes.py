@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from typing_extensions import override
@@ -12,17 +16,20 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import ComfyExtension, InputImpl, io
 
 # Inputs added after a node's first release are optional with defaults, so API prompts and
 # workflows saved before them keep validating and running unchanged.
 
 from .gpen import ModelLoadError, execution, load_generator, pipeline
 from .gpen import image as im
+from .gpen.engine import Frame, FrameEngine, Restorer
 from .gpen.faces import load_detector
+from .gpen.files import video_frames
 from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, DetectOptions, PasteOptions, RestoreOptions,
                            parse_indices)
 from .gpen.parsing import load_parser
+from .gpen.video import AudioWaveform, VideoInfo, VideoReader, VideoWriter
 
 MODEL_FOLDER = "facerestore_models"  # shared with the other face-restore packs
 DETECTOR_FOLDER = "facedetection"
@@ -36,6 +43,8 @@ SEARCH_ALIASES = ["gpen", "face restore", "face enhance", "face restoration"]
 # Share of the free memory a batch may plan to use: convolution workspaces and allocator
 # fragmentation come on top of the live tensors the per-face estimate counts.
 MEMORY_HEADROOM = 0.85
+VIDEO_SMOOTHING = 0.5  # video defaults: steady faces, and whole-frame searches every few frames
+VIDEO_REDETECT_EVERY = 5
 
 
 def _schema(**fields) -> io.Schema:
@@ -143,6 +152,98 @@ def load_helper_net(net: torch.nn.Module) -> None:
     load_fully(_NET_PATCHERS[net])
 
 
+# The options of each step, declared once: the step's own node and GPEN Restore Video share them.
+def detect_inputs(smoothing: float = 0.0) -> list:
+    return [
+        io.Combo.Input("detector", options=list(DETECTORS), default="mtcnn",
+                       tooltip="mtcnn: bundled weights, no download. retinaface_*: the GPEN "
+                               "authors' detector; needs detection_Resnet50_Final.pth or "
+                               "detection_mobilenet0.25_Final.pth in models/facedetection."),
+        io.Float.Input("threshold", default=0.9, min=0.05, max=1.0, step=0.01,
+                       tooltip="Minimum detection confidence."),
+        io.Int.Input("max_faces", default=0, min=0, max=256,
+                     tooltip="Keep at most this many faces per frame, after ordering "
+                             "(0 = all)."),
+        io.Combo.Input("order", options=list(ORDERS), default=ORDERS[0],
+                       tooltip="How faces are ordered for max_faces and indices."),
+        io.Int.Input("min_size", default=0, min=0, max=8192,
+                     tooltip="Ignore faces whose box is smaller than this many pixels on its "
+                             "shorter side."),
+        io.String.Input("indices", default="",
+                        tooltip="Only these faces, by position in the order, e.g. '0,2' "
+                                "(empty = all)."),
+        io.Float.Input("smoothing", default=smoothing, min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip="Video: smooth each tracked face's landmarks over the frames "
+                               "of the batch against flicker (0 = off, 0.9 = strong)."),
+    ]
+
+
+def restore_inputs() -> list:
+    return [
+        io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                       tooltip="1 = fully restored face, 0 = the original; in between mixes "
+                               "them (the authors use 0.8 for 2048)."),
+        io.Int.Input("batch_size", default=4, min=1, max=64,
+                     tooltip="Faces per forward pass, at most: lowered to what free memory "
+                             "holds, and halved if the GPU still runs out of memory."),
+    ]
+
+
+def paste_inputs() -> list:
+    return [
+        io.Float.Input("feather", default=0.15, min=0.01, max=0.5, step=0.01,
+                       tooltip="Width of the mask's soft edge, relative to the face size."),
+        io.Boolean.Input("color_correction", default=True, optional=True,
+                         tooltip="Match the restored face's colour (mean and spread of luma and "
+                                 "chroma) to the original face, against skin-tone drift."),
+        io.Combo.Input("blend", options=list(BLENDS), default=BLENDS[0], optional=True,
+                       tooltip="multiband: Laplacian-pyramid blend, no visible edge. alpha: "
+                               "plain mask blend, changes exactly inside the mask."),
+        io.Float.Input("upscale", default=1.0, min=1.0, max=4.0, step=0.25, optional=True,
+                       tooltip="Enlarge the whole image by this factor and paste the faces at "
+                               "their restored resolution, keeping 1024/2048 detail."),
+        io.Combo.Input("mask", options=list(MASKS), default=MASKS[0], optional=True,
+                       tooltip="face ellipse: no download. parsing: facexlib's face parsing "
+                               "(parsing_bisenet.pth / parsing_parsenet.pth in "
+                               "models/facedetection) follows hair and face outline."),
+        io.UpscaleModel.Input("upscale_model", optional=True,
+                              tooltip="Optional: enlarge the background with this model "
+                                      "(Load Upscale Model) instead of bicubic."),
+    ]
+
+
+def detect_options(detector: str, threshold: float, max_faces: int, order: str, min_size: int, indices: str,
+                   smoothing: float = 0.0, redetect_every: int = 1) -> DetectOptions:
+    return DetectOptions(detector=detector, threshold=threshold, max_faces=max_faces, order=order,
+                         min_size=float(min_size), indices=parse_indices(indices), smoothing=smoothing,
+                         redetect_every=redetect_every)
+
+
+def paste_options(feather: float, color_correction: bool = True, blend: str = BLENDS[0], upscale: float = 1.0,
+                  mask: str = MASKS[0]) -> PasteOptions:
+    return PasteOptions(feather=feather, colour=color_correction, blend=blend, upscale=upscale, mask=mask)
+
+
+def load_face_detector(name: str):
+    """A detector from models/facedetection (mtcnn: bundled), under ComfyUI's memory manager."""
+    detector = load_detector(name, tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)), "cpu")
+    load_helper_net(detector.net)
+    return detector
+
+
+def load_face_parser(options: PasteOptions):
+    """The face parser the paste mask needs (None for the ellipse), under the memory manager."""
+    if not options.parser:
+        return None
+    parser = load_parser(options.parser, tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)))
+    load_helper_net(parser.net)
+    return parser
+
+
+def upscaler_for(upscale_model) -> pipeline.Upscaler:
+    return pipeline.enlarge if upscale_model is None else _model_upscaler(upscale_model)
+
+
 class LoadGPENModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -195,26 +296,7 @@ class DetectFaces(io.ComfyNode):
                         "its weights from models/facedetection.",
             inputs=[
                 io.Image.Input("image", tooltip="Image or batch of frames to search for faces."),
-                io.Combo.Input("detector", options=list(DETECTORS), default="mtcnn",
-                               tooltip="mtcnn: bundled weights, no download. retinaface_*: the GPEN "
-                                       "authors' detector; needs detection_Resnet50_Final.pth or "
-                                       "detection_mobilenet0.25_Final.pth in models/facedetection."),
-                io.Float.Input("threshold", default=0.9, min=0.05, max=1.0, step=0.01,
-                               tooltip="Minimum detection confidence."),
-                io.Int.Input("max_faces", default=0, min=0, max=256,
-                             tooltip="Keep at most this many faces per frame, after ordering "
-                                     "(0 = all)."),
-                io.Combo.Input("order", options=list(ORDERS), default=ORDERS[0],
-                               tooltip="How faces are ordered for max_faces and indices."),
-                io.Int.Input("min_size", default=0, min=0, max=8192,
-                             tooltip="Ignore faces whose box is smaller than this many pixels on its "
-                                     "shorter side."),
-                io.String.Input("indices", default="",
-                                tooltip="Only these faces, by position in the order, e.g. '0,2' "
-                                        "(empty = all)."),
-                io.Float.Input("smoothing", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip="Video: smooth each tracked face's landmarks over the frames "
-                                       "of the batch against flicker (0 = off, 0.9 = strong)."),
+                *detect_inputs(),
             ],
             outputs=[Faces.Output(display_name="faces")],
         )
@@ -222,13 +304,9 @@ class DetectFaces(io.ComfyNode):
     @classmethod
     def execute(cls, image: torch.Tensor, detector: str, threshold: float, max_faces: int,
                 order: str, min_size: int, indices: str, smoothing: float = 0.0) -> io.NodeOutput:
-        options = DetectOptions(detector=detector, threshold=threshold, max_faces=max_faces, order=order,
-                                min_size=float(min_size), indices=parse_indices(indices),
-                                smoothing=smoothing)
-        model_dirs = tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER))
-        found = load_detector(detector, model_dirs, "cpu")
-        load_helper_net(found.net)
-        faces = pipeline.detect(image, found, options, on_frame=_progress_callback(image.shape[0]))
+        options = detect_options(detector, threshold, max_faces, order, min_size, indices, smoothing)
+        faces = pipeline.detect(image, load_face_detector(detector), options,
+                                on_frame=_progress_callback(image.shape[0]))
         return io.NodeOutput(faces)
 
 
@@ -245,12 +323,7 @@ class GPENRestore(io.ComfyNode):
                 GPENModel.Input("gpen_model", tooltip="From Load GPEN Model."),
                 io.Image.Input("image", tooltip="The same image batch that went into Detect Faces."),
                 Faces.Input("faces", tooltip="From Detect Faces."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="1 = fully restored face, 0 = the original; in between mixes "
-                                       "them (the authors use 0.8 for 2048)."),
-                io.Int.Input("batch_size", default=4, min=1, max=64,
-                             tooltip="Faces per forward pass, at most: lowered to what free memory "
-                                     "holds, and halved if the GPU still runs out of memory."),
+                *restore_inputs(),
             ],
             outputs=[io.Image.Output(display_name="restored_faces"),
                      Faces.Output(display_name="faces")],
@@ -286,24 +359,7 @@ class PasteBack(io.ComfyNode):
                 io.Image.Input("restored_faces", tooltip="restored_faces from GPEN Restore 2048 "
                                                          "(other nodes may edit them in between)."),
                 Faces.Input("faces", tooltip="faces from GPEN Restore 2048."),
-                io.Float.Input("feather", default=0.15, min=0.01, max=0.5, step=0.01,
-                               tooltip="Width of the mask's soft edge, relative to the face size."),
-                io.Boolean.Input("color_correction", default=True, optional=True,
-                                 tooltip="Match the restored face's colour (LAB mean and spread) to "
-                                         "the original face, against skin-tone drift."),
-                io.Combo.Input("blend", options=list(BLENDS), default=BLENDS[0], optional=True,
-                               tooltip="multiband: Laplacian-pyramid blend, no visible edge. alpha: "
-                                       "plain mask blend, changes exactly inside the mask."),
-                io.Float.Input("upscale", default=1.0, min=1.0, max=4.0, step=0.25, optional=True,
-                               tooltip="Enlarge the whole image by this factor and paste the faces at "
-                                       "their restored resolution, keeping 1024/2048 detail."),
-                io.Combo.Input("mask", options=list(MASKS), default=MASKS[0], optional=True,
-                               tooltip="face ellipse: no download. parsing: facexlib's face parsing "
-                                       "(parsing_bisenet.pth / parsing_parsenet.pth in "
-                                       "models/facedetection) follows hair and face outline."),
-                io.UpscaleModel.Input("upscale_model", optional=True,
-                                      tooltip="Optional: enlarge the background with this model "
-                                              "(Load Upscale Model) instead of Lanczos."),
+                *paste_inputs(),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask")],
         )
@@ -312,16 +368,85 @@ class PasteBack(io.ComfyNode):
     def execute(cls, image: torch.Tensor, restored_faces: torch.Tensor, faces, feather: float,
                 color_correction: bool = True, blend: str = BLENDS[0], upscale: float = 1.0,
                 mask: str = MASKS[0], upscale_model=None) -> io.NodeOutput:
-        options = PasteOptions(feather=feather, colour=color_correction, blend=blend, upscale=upscale,
-                               mask=mask)
-        parser = None
-        if options.parser:
-            parser = load_parser(options.parser, tuple(folder_paths.get_folder_paths(DETECTOR_FOLDER)))
-            load_helper_net(parser.net)
-        upscaler = pipeline.enlarge if upscale_model is None else _model_upscaler(upscale_model)
-        out, paste_mask = pipeline.paste(image, restored_faces, faces, options, upscaler, parser,
-                                         _progress_callback(image.shape[0]), mm.get_torch_device())
+        options = paste_options(feather, color_correction, blend, upscale, mask)
+        out, paste_mask = pipeline.paste(image, restored_faces, faces, options, upscaler_for(upscale_model),
+                                         load_face_parser(options), _progress_callback(image.shape[0]),
+                                         mm.get_torch_device())
         return io.NodeOutput(out, paste_mask)
+
+
+class GPENRestoreVideo(io.ComfyNode):
+    """A whole video in one node: streamed through the frame engine in bounded memory, never
+    decoded into an IMAGE batch."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            node_id="GPENRestoreVideo",
+            display_name="GPEN Restore Video",
+            description="Restores the faces of a video (Load Video, or any node giving a VIDEO) frame "
+                        "by frame in bounded memory: detection, tracking and smoothing, restoration "
+                        "and paste-back as in the four image nodes, frames encoded as they finish "
+                        "(H.264, visually lossless), sound, frame rate and timing kept. Frames "
+                        "without faces pass through.",
+            inputs=[
+                io.Video.Input("video", tooltip="The video to restore, e.g. from Load Video."),
+                GPENModel.Input("gpen_model", tooltip="From Load GPEN Model."),
+                *detect_inputs(smoothing=VIDEO_SMOOTHING),
+                io.Int.Input("redetect_every", default=VIDEO_REDETECT_EVERY, min=1, max=120, optional=True,
+                             tooltip="Search whole frames for faces every N frames and follow the "
+                                     "faces found in between (much faster); new faces are picked "
+                                     "up at the next search. 1 = search every frame."),
+                *restore_inputs(),
+                *paste_inputs(),
+            ],
+            outputs=[io.Video.Output(display_name="video")],
+        )
+
+    @classmethod
+    def execute(cls, video, gpen_model, detector: str, threshold: float, max_faces: int, order: str,
+                min_size: int, indices: str, smoothing: float = VIDEO_SMOOTHING,
+                redetect_every: int = VIDEO_REDETECT_EVERY, strength: float = 1.0, batch_size: int = 4,
+                feather: float = 0.15, color_correction: bool = True, blend: str = BLENDS[0],
+                upscale: float = 1.0, mask: str = MASKS[0], upscale_model=None) -> io.NodeOutput:
+        detect = detect_options(detector, threshold, max_faces, order, min_size, indices, smoothing,
+                                redetect_every)
+        paste = paste_options(feather, color_correction, blend, upscale, mask)
+        model = gpen_model.model
+        restorer = Restorer(model, gpen_model.load_device, next(model.parameters()).dtype,
+                            load_face_detector(detector), load_face_parser(paste), upscaler_for(upscale_model))
+        restore = RestoreOptions(strength=strength, batch_size=prepare_generator(gpen_model, batch_size, batch_size))
+        engine = FrameEngine(restorer, detect, restore, paste)
+        target = Path(folder_paths.get_temp_directory()) / f"gpen_restored_{uuid.uuid4().hex[:12]}.mp4"
+        with video_source(video) as (info, frames, audio):
+            bar = comfy.utils.ProgressBar(info.expected_frames or 0)
+            with VideoWriter(target, engine.output_info(info), audio_from=audio) as writer, \
+                    contextlib.closing(engine.run(frames)) as restored:
+                for frame in restored:
+                    mm.throw_exception_if_processing_interrupted()
+                    writer.write(frame.output, frame.pts, frame.duration)
+                    bar.update(1)
+        return io.NodeOutput(InputImpl.VideoFromFile(str(target)))
+
+
+@contextlib.contextmanager
+def video_source(video) -> Iterator[tuple[VideoInfo, Iterator[Frame], object]]:
+    """(info, frames, audio source) of a VIDEO input. A video backed by a file (Load Video) is
+    decoded lazily from it and its audio copied as is; one made of components (frames already in
+    memory, e.g. Create Video) is read from those, its audio encoded from the waveform."""
+    if isinstance(video, InputImpl.VideoFromFile):
+        source = video.get_stream_source()
+        with VideoReader(source) as reader:
+            yield reader.info, video_frames(reader), source
+        return
+    components = video.get_components()
+    images = components.images
+    info = VideoInfo.for_frames(images.shape[2], images.shape[1], components.frame_rate,
+                                frame_count=images.shape[0])
+    audio = None
+    if components.audio is not None:
+        audio = AudioWaveform(components.audio["waveform"][0].float().numpy(), int(components.audio["sample_rate"]))
+    yield info, (Frame(i, im.frame_uint8(images, i)) for i in range(images.shape[0])), audio
 
 
 def _model_upscaler(upscale_model) -> pipeline.Upscaler:
@@ -338,7 +463,7 @@ def _model_upscaler(upscale_model) -> pipeline.Upscaler:
 class GPENExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadGPENModel, DetectFaces, GPENRestore, PasteBack]
+        return [LoadGPENModel, DetectFaces, GPENRestore, PasteBack, GPENRestoreVideo]
 
 
 async def comfy_entrypoint() -> GPENExtension:
