@@ -7,6 +7,7 @@
     python -m gpen.bench --memory --sizes 512 1024 2048   # peak memory against the estimate
     python -m gpen.bench --memory --device meta           # the same, allocations only (fast)
     python -m gpen.bench --stages              # per-stage ms of a 1080p one-face frame
+    python -m gpen.bench --video clip.mp4      # a video end to end: ms per frame per stage, frames/s
 
 Every path runs the same random-weight generator on the same input. ``ms/face`` is the median
 of ``--repeats`` rounds that time every path once in turn (so a load from other processes hits
@@ -42,7 +43,8 @@ from torch.utils._pytree import tree_flatten
 from . import execution
 from .arch import (LEAKY_GAIN, LEAKY_SLOPE, ConvLayer, FullGenerator, GPENConfig, ModulatedConv2d,
                    StyledConv, ToRGB, peak_activation_bytes)
-from .options import RestoreOptions
+from .engine import STAGES
+from .options import DetectOptions, RestoreOptions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -398,6 +400,46 @@ def format_row(r: dict) -> str:
             f"{r['max_abs']:>9.2e} {r['psnr']:>8.1f}")
 
 
+def video_table(path: str, size: int, device: torch.device, dtype: torch.dtype,
+                detect: DetectOptions) -> dict:
+    """Restore a video file end to end with the frame engine (a random-weight generator of
+    ``size``), writing to a temporary file; ms per frame of each stage and frames/s overall.
+    Stages overlap on threads, so their sum can exceed the wall time per frame."""
+    import tempfile
+    from pathlib import Path as FilePath
+
+    from .engine import FrameEngine, Restorer
+    from .faces import load_detector
+    from .files import video_frames
+    from .video import VideoReader, VideoWriter
+
+    torch.manual_seed(0)
+    model = FullGenerator(GPENConfig(size)).eval().requires_grad_(False).to(device=device, dtype=dtype)
+    engine = FrameEngine(Restorer(model.to_channels_last(), device, dtype, load_detector(detect.detector, (), str(device))),
+                         detect)
+    frames = faces = 0
+    encode = 0.0
+    with tempfile.TemporaryDirectory() as folder, VideoReader(path) as reader:
+        start = time.perf_counter()
+        with VideoWriter(FilePath(folder) / "restored.mp4", engine.output_info(reader.info)) as writer:
+            for frame in engine.run(video_frames(reader)):
+                begin = time.perf_counter()
+                writer.write(frame.output, frame.pts, frame.duration)
+                encode += time.perf_counter() - begin
+                frames += 1
+                faces += len(frame.faces)
+        wall = time.perf_counter() - start
+    row = {"size": size, "frames": frames, "faces": faces, "fps": frames / wall,
+           **{f"{stage}_ms": 1000 * engine.timings[stage] / frames for stage in STAGES},
+           "encode_ms": 1000 * encode / frames}
+    row["overhead_ms"] = sum(row[f"{stage}_ms"] for stage in ("decode", "detect", "align", "paste", "encode"))
+    print(f"{path}: {frames} frames, {faces} faces, GPEN-{size} {str(dtype).removeprefix('torch.')}, "
+          f"redetect every {detect.redetect_every}")
+    print("ms per frame: " + ", ".join(f"{k[:-3]} {row[k]:.1f}" for k in row if k.endswith("_ms")))
+    print(f"end to end: {row['fps']:.2f} frames/s ({1000 / row['fps']:.0f} ms per frame, wall)")
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m gpen.bench", description=__doc__.split("\n")[0])
@@ -420,12 +462,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="with --stages: the model's precision (default: what auto picks here)")
     parser.add_argument("--image", help="with --stages: a frame to use instead of the sample photo")
+    parser.add_argument("--video", help="restore this video end to end (frame engine, encode included): "
+                                        "ms per frame of each stage and frames/s; --sizes picks the model")
+    parser.add_argument("--redetect-every", type=int, default=5,
+                        help="with --video: whole-frame face search every N frames")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([512, 1024, 2048] if cuda or args.stages else [512])
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu (native bf16: {execution.cpu_has_native_bf16()})" if device.type == "cpu" else str(device)
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.video:
+        dtype = DTYPES[args.dtype] if args.dtype else execution.default_dtype(device)
+        detect = DetectOptions(smoothing=0.5, redetect_every=args.redetect_every)
+        return [video_table(args.video, size, device, dtype, detect) for size in (args.sizes or [512])]
     if args.stages:
         dtype = DTYPES[args.dtype] if args.dtype else execution.default_dtype(device)
         return stage_table(sizes, device, dtype, args.repeats, test_frame(args.image))

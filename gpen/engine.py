@@ -9,11 +9,13 @@ nodes call the same step functions (``pipeline.align_frame``, ``restore_crops``,
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +33,7 @@ from .video import VideoInfo
 
 T = TypeVar("T")
 STAGES = ("decode", "detect", "align", "restore", "paste")
+TRIM_EVERY = 32  # frames between hand-backs of freed heap memory
 
 
 @dataclass
@@ -134,8 +137,10 @@ class FrameEngine:
         finder = FaceFinder(self.restorer.detector, self.detect_options)
         detected = ahead(self._detect(frames, finder), self.window)
         restored = ahead(self._restore(detected), self.window)
-        for work in restored:
+        for count, work in enumerate(restored, start=1):
             yield self._paste(work)
+            if count % TRIM_EVERY == 0:
+                release_freed_memory()
 
     def _detect(self, frames: Iterable[Frame], finder: FaceFinder) -> Iterator[Frame]:
         source = iter(frames)
@@ -192,6 +197,24 @@ class FrameEngine:
         frame.output = im.to_uint8(result)
         self.timings["paste"] += time.perf_counter() - start
         return frame
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps the frame-sized blocks a video's
+    frames pass through in its heaps (and the worker threads' arenas), fragmented, so a server's
+    memory would creep up over a long video (measured: 1.3 -> 1.6 GB over 1,200 720p frames);
+    trimming every few dozen frames keeps it flat. Does nothing elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def ahead(items: Iterable[T], depth: int) -> Iterator[T]:

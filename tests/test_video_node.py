@@ -105,7 +105,7 @@ def test_frames_from_memory_with_their_sound(served, clips):
 
 @pytest.mark.parametrize("name, expected", [
     ("truncated.mp4", "truncated"), ("sound_only.mp4", "no video stream"), ("no_frames.mp4", "no frames"),
-    ("garbage.mp4", "decode")])
+    ("garbage.mp4", "decod")])
 def test_bad_videos_are_clear_errors_and_the_server_keeps_serving(served, clips, name, expected):
     error = error_of(served.run(video_graph(name, "video/bad")))
     assert name in error["exception_message"], error
