@@ -79,8 +79,8 @@ def _progress_callback(total: int):
 def auto_dtype(load_device: torch.device) -> torch.dtype:
     """``auto`` precision: on a GPU, ComfyUI's own decisions for the device (fp16 where it is
     reliable, else bf16, else fp32: GTX 16xx, Pascal on Linux and --force-fp32 give fp32). On a
-    CPU, bf16 where the CPU has native bf16 (AMX / AVX512-BF16: twice fp32's speed), else fp32;
-    --force-fp32 still forces fp32. (ComfyUI itself never picks bf16 on a CPU.)"""
+    CPU, bf16 where the CPU has native bf16 (AMX / AVX512-BF16), else fp32; --force-fp32 still
+    forces fp32. (ComfyUI itself never picks bf16 on a CPU.)"""
     if mm.is_device_cpu(load_device):
         return torch.float32 if mm.FORCE_FP32 else execution.cpu_auto_dtype()
     if mm.should_use_fp16(load_device):
@@ -260,8 +260,8 @@ class LoadGPENModel(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="auto: on a GPU what ComfyUI picks for it (fp16 on most cards, "
                                        "fp32 on GTX 16xx/Pascal or with --force-fp32); on a CPU bf16 "
-                                       "where the CPU has native bf16 (AMX / AVX512-BF16, about 2x "
-                                       "faster), else fp32. fp32 is exact but slowest."),
+                                       "where the CPU has native bf16 (AMX / AVX512-BF16), else fp32 "
+                                       "(emulated bf16 is slower). fp32 is exact but slowest."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="Compile the generator with torch.compile (CUDA graphs on "
                                          "a GPU): faster per face, but the first run of each batch "

@@ -27,18 +27,19 @@ class DevicePlacementError(ValueError):
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bf16 matrices in hardware (x86 AMX-BF16 or AVX512-BF16,
-    Arm BF16), as PyTorch's cpuinfo reports it: there oneDNN runs bf16 convolutions at about
-    twice fp32's speed. Elsewhere bf16 is emulated and slower than fp32."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # public since torch 2.8
+    Arm BF16), as PyTorch's cpuinfo reports it: there oneDNN runs bf16 convolutions natively.
+    Elsewhere bf16 is emulated, several times slower than fp32 (``python -m gpen.bench``)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # public API of recent torch
     if capabilities is not None:
         found = capabilities()
         return any(bool(found.get(flag)) for flag in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
+    # Older torch: its own (private) x86 queries, as torch._inductor uses them.
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def cpu_auto_dtype() -> torch.dtype:
-    """``auto`` precision on a CPU: bf16 where it is native (2x on the generator), else fp32."""
+    """``auto`` precision on a CPU: bf16 where it is native, else fp32."""
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
