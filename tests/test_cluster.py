@@ -114,8 +114,8 @@ def test_the_cluster_restores_an_archive_as_one_process_does(archive, tiny, tmp_
     tasks, problems = plan([archive], tmp_path / "ray")
     assert not problems
     with local_cluster():
-        report = cluster.restore(tasks, cluster.Job(str(tiny), DETECT, dtype=torch.float32), workers=2, segment_frames=SEGMENT_FRAMES,
-                                 progress=False)
+        report = cluster.restore(tasks, cluster.Job(str(tiny), DETECT, dtype=torch.float32), workers=2,
+                                 segment_frames=SEGMENT_FRAMES, progress=False)
     statuses = {str(o.task.source.relative_to(archive)): o.status for o in report.outcomes}
     assert statuses == {str(o.task.source.relative_to(archive)): o.status for o in single}
     assert statuses == {**{name: "restored" for name in IMAGES + VIDEOS},
@@ -298,7 +298,8 @@ def test_one_worker_per_gpu(archive, tiny, tmp_path):
     with local_cluster(num_gpus=2):
         assert cluster.pool_size(None, 1) == (2, {"num_gpus": 1, "num_cpus": 1})
         assert cluster.pool_size(5, 1)[0] == 2
-        report = cluster.restore(tasks, cluster.Job(str(tiny), DETECT, device="cpu", dtype=torch.float32), progress=False)
+        job = cluster.Job(str(tiny), DETECT, device="cpu", dtype=torch.float32)
+        report = cluster.restore(tasks, job, progress=False)
     assert [o.status for o in report.outcomes] == ["restored"] * 3
     gpus = sorted(name.split(" GPU ")[1] for name in report.workers)
     print(f"workers: {sorted(report.workers)}")
