@@ -155,10 +155,10 @@ def restore_on_cluster(args: argparse.Namespace, tasks: list[Task], problems: li
         print(f"{len(tasks)} file(s) on Ray ({args.ray}): {size} {kind} worker(s)")
         report = cluster.restore(tasks, job, workers=args.workers, worker_cpus=args.worker_cpus,
                                  segment_frames=args.segment_frames or cluster.DEFAULT_SEGMENT_FRAMES)
+    except ray.exceptions.RayError as error:  # e.g. a node where the model does not load
+        raise cluster.ClusterError(f"The cluster could not run the job: {error}") from None
     finally:
         if started_here:
-            import ray
-
             ray.shutdown()
     print_summary(report.outcomes, report.seconds)
     for name, worker in sorted(report.workers.items()):

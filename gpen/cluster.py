@@ -148,16 +148,26 @@ class Report:
 RUNTIME_ENV = {"py_modules": [str(Path(__file__).resolve().parent)]}
 
 
+class ClusterError(ValueError):
+    """The cluster cannot be reached or cannot run the job; the message says what to do."""
+
+
 def connect(address: str = "local") -> bool:
     """Start a Ray cluster in this process ("local") or join one ("auto", "ray://host:port"),
     shipping this package to its workers. Returns whether it connected (False when Ray is
     already initialised, e.g. by a notebook: pass ``runtime_env=RUNTIME_ENV`` to that ray.init)."""
     if ray.is_initialized():
         return False
-    if address == "local":
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env=RUNTIME_ENV)
-    else:
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env=RUNTIME_ENV)
+    try:
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                     runtime_env=RUNTIME_ENV)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=RUNTIME_ENV)
+    except ConnectionError as error:
+        raise ClusterError(f"No Ray cluster at '{address}' ({error}). Start one (`ray start --head` on one "
+                           f"node, `ray start --address=HEAD:6379` on the others), or give --ray without an "
+                           f"address to start one on this machine.") from None
     return True
 
 
