@@ -180,6 +180,7 @@ class VideoReader:
             first = next(decoded)
             if first.pts is None or first.pts <= pts or pts - back <= (self._stream.start_time or 0):
                 break
+            decoded.close()
             back = max(2 * back, round(1 / self.info.time_base))  # one second, then doubling
         kept = (frame for frame in itertools.chain([first], decoded) if frame.pts is None or frame.pts >= pts)
         return self._upright_frames(kept, index)
@@ -276,6 +277,7 @@ class VideoWriter:
     def _add_copy(self, template: av.VideoStream) -> av.VideoStream:
         stream = self._container.add_stream_from_template(template=template, opaque=True)
         stream.time_base = self.info.time_base
+        stream.codec_context.framerate = self.info.frame_rate  # the stated rate (Matroska writes it)
         return stream
 
     def write(self, rgb: np.ndarray, pts: int | None = None, duration: int | None = None) -> None:
@@ -310,15 +312,16 @@ class VideoWriter:
             if packet.dts is None:  # the empty packet that ends a demux
                 continue
             scale = packet.time_base / time_base
-            packet.pts, packet.dts = round(packet.pts * scale) + offset, round(packet.dts * scale) + offset
+            pts = round(packet.pts * scale) + offset
+            if self._last_pts is not None and pts <= self._last_pts:
+                raise VideoError(f"{self.path}: a segment starts at {float(pts * time_base):.3f} s, "
+                                 f"not after the previous one ended; the segments overlap.")
+            packet.pts, packet.dts = pts, round(packet.dts * scale) + offset
             packet.duration = round(packet.duration * scale)
             packet.time_base = time_base
-            if self._last_pts is not None and packet.pts <= self._last_pts:
-                raise VideoError(f"{self.path}: a segment starts at {float(packet.pts * time_base):.3f} s, "
-                                 f"not after the previous one ended; the segments overlap.")
             packet.stream = self._video
-            self._mux_video([packet])
-            self._last_pts = packet.pts
+            self._mux_video([packet])  # the muxer may move the packet to the stream's own time base
+            self._last_pts = pts
             self.frames_written += 1
 
     def _mux_video(self, packets: list[av.Packet]) -> None:

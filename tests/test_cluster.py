@@ -26,14 +26,14 @@ from gpen import FullGenerator, GPENConfig, cluster
 from gpen.engine import FrameEngine, load_restorer
 from gpen.files import FileRestorer, Task, plan, read_image, video_frames
 from gpen.options import DetectOptions
-from gpen.video import VideoReader, frame_timestamps, probe
+from gpen.video import VideoError, VideoReader, frame_timestamps, probe
 
 DETECT = DetectOptions(smoothing=0.5, redetect_every=5)  # warm-up needed: both tracking and smoothing
 SEGMENT_FRAMES = 12  # the third segment warms up from frame 5: a fresh start that must settle
 CLIP_FRAMES = 36
 PHOTOS = 12
 IMAGES = ["a.png", "trip/b.jpg", "trip/day2/c.png"]
-VIDEOS = ["faces.mp4", "trip/vfr.mp4"]
+VIDEOS = ["faces.mkv", "trip/vfr.mp4"]  # Matroska counts time in ms, MP4 finer
 
 
 @contextlib.contextmanager
@@ -71,7 +71,7 @@ def archive(tmp_path_factory, astronaut) -> Path:
     cv2.imwrite(str(root / "trip" / "day2" / "c.png"), np.ascontiguousarray(small[:, ::-1]))
     (root / "trip" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (root / "fake.mp4").write_text("not a video")
-    videoclips.face_clip(root / "faces.mp4", 320, 180, frames=CLIP_FRAMES)
+    videoclips.face_clip(root / "faces.mkv", 320, 180, frames=CLIP_FRAMES)
     videoclips.vfr_clip(root / "trip" / "vfr.mp4", 320, 180, frames=CLIP_FRAMES)
     return root
 
@@ -163,10 +163,55 @@ def assert_no_seam(name: str, joined: list, whole: list, source: list) -> None:
     assert np.mean(at_seams) <= 1.5 * np.mean(elsewhere)
 
 
+def test_a_seek_decodes_what_reading_from_the_start_does(tmp_path):
+    """A camera-like clip (B-frames, a keyframe every 12 frames) and a variable-frame-rate one:
+    the frames from any frame on, decoded from the keyframe before it, equal (bit for bit, with
+    their index and timing) those read from the start; the packet timestamps name every frame."""
+    clips = [videoclips.face_clip(tmp_path / "camera.mp4", 160, 96, frames=30, audio=False,
+                                  options={"crf": "20", "preset": "medium", "g": "12"}),
+             videoclips.vfr_clip(tmp_path / "vfr.mp4", 160, 96, frames=20)]
+    with av.open(str(clips[0])) as container:
+        assert any(p.pts != p.dts for p in container.demux(video=0) if p.dts is not None)  # B-frames
+    for clip in clips:
+        with VideoReader(clip) as reader:
+            every = list(reader.frames())
+        times = frame_timestamps(clip)
+        assert times == [frame.pts for frame in every]
+        for start in (1, 11, 12, 13, len(every) - 1):
+            with VideoReader(clip) as reader:
+                part = list(reader.frames_from(times[start], start))
+            timing = [(f.index, f.pts, f.duration) for f in part]
+            assert timing == [(f.index, f.pts, f.duration) for f in every[start:]]
+            assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(part, every[start:]))
+
+
+def test_segments_that_do_not_fit_together_are_not_joined(tmp_path):
+    """Segments encoded at different sizes, or overlapping in time, are refused with a message
+    naming the file, and nothing is left behind."""
+    from gpen.video import VideoInfo, VideoWriter, join_segments
+
+    def segment(name: str, width: int, frames: int) -> Path:
+        info = VideoInfo.for_frames(width, 96, 30)
+        with VideoWriter(tmp_path / name, info) as writer:
+            for _ in range(frames):
+                writer.write(np.full((96, width, 3), 128, np.uint8))
+        return tmp_path / name
+
+    info = VideoInfo.for_frames(160, 96, 30)
+    wide, narrow = segment("wide.mp4", 160, 4), segment("narrow.mp4", 128, 4)
+    with pytest.raises(VideoError, match="narrow.mp4 was encoded differently"):
+        join_segments([(wide, 0), (narrow, 4)], tmp_path / "joined.mp4", info)
+    with pytest.raises(VideoError, match="the segments overlap"):
+        join_segments([(wide, 0), (wide, 2)], tmp_path / "joined.mp4", info)
+    assert join_segments([(wide, 0), (wide, 4)], tmp_path / "joined.mp4", info) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["joined.mp4", "narrow.mp4", "wide.mp4"]
+    assert [p[0] for p in packets(tmp_path / "joined.mp4", "video")] == [512 * i for i in range(8)]  # 1/15360 s
+
+
 def test_a_segment_restores_its_frames_as_a_single_pass_does(archive, tiny, tmp_path):
     """Before any encoding: each segment's frames, restored after its warm-up, equal the single
     pass's; started cold on its first frame, tracking and smoothing start over and they do not."""
-    source = archive / "faces.mp4"
+    source = archive / "faces.mkv"
     job = cluster.Job(str(tiny), DETECT, dtype=torch.float32)
     engine = job.engine(gpu=False)
     with VideoReader(source) as reader:
@@ -196,7 +241,7 @@ def test_a_segment_restores_its_frames_as_a_single_pass_does(archive, tiny, tmp_
 
 def ray_command(model: Path, archive: Path, output: Path) -> list[str]:
     return [sys.executable, "-m", "gpen", "restore", "--model", str(model), str(archive), "--output", str(output),
-            "--smoothing", "0.5", "--segment-frames", str(SEGMENT_FRAMES), "--ray"]
+            "--segment-frames", str(SEGMENT_FRAMES), "--ray"]
 
 
 def kill_driver_and_its_cluster(driver: subprocess.Popen) -> None:
@@ -221,7 +266,7 @@ def assert_complete(output: Path, archive: Path, names: list[str]) -> None:
             assert read_image(output / name)[0].shape == (256, 256, 3)
         else:
             info = probe(output / name)
-            assert info.frame_count == CLIP_FRAMES and info.audio_streams == 1
+            assert info.audio_streams == 1
             assert len(frames_of(output / name)) == CLIP_FRAMES
 
 
@@ -261,7 +306,7 @@ def test_a_killed_job_leaves_complete_outputs_and_a_rerun_finishes_it(archive, t
 
 def test_a_killed_worker_is_replaced_and_its_work_redone(archive, tiny, tmp_path):
     out = tmp_path / "out"
-    tasks, _ = plan([archive / "faces.mp4", archive / "a.png"], out)
+    tasks, _ = plan([archive / "faces.mkv", archive / "a.png"], out)
     killed = []
     stop = threading.Event()
 
@@ -287,8 +332,8 @@ def test_a_killed_worker_is_replaced_and_its_work_redone(archive, tiny, tmp_path
             killer.join()
     assert killed
     assert [o.status for o in report.outcomes] == ["restored", "restored"]
-    assert files_under(out) == ["a.png", "faces.mp4"]
-    assert len(frames_of(out / "faces.mp4")) == CLIP_FRAMES
+    assert files_under(out) == ["a.png", "faces.mkv"]
+    assert len(frames_of(out / "faces.mkv")) == CLIP_FRAMES
 
 
 def test_one_worker_per_gpu(archive, tiny, tmp_path):
