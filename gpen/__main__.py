@@ -3,10 +3,12 @@
     python -m gpen restore --model GPEN-BFR-512.pth photos/ clip.mp4 --output restored/
     python -m gpen restore --model GPEN-BFR-512.pth photo.jpg restored.png
     python -m gpen convert GPEN-BFR-512.pth GPEN-BFR-512.safetensors
+    python -m gpen restore --model GPEN-BFR-512.pth archive/ --output restored/ --ray auto
 
 Folders are searched recursively and mirrored under --output; videos keep their audio, frame
 timing and rotation. An output that exists is skipped (so an interrupted job resumes), outputs
-appear only when complete, and nothing is ever overwritten. Model files are only read.
+appear only when complete, and nothing is ever overwritten. Model files are only read. With
+--ray the same job runs on a Ray cluster (gpen.cluster), long videos split across its workers.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def add_restore_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", required=True, help="GPEN-BFR checkpoint (.pth/.pt/.safetensors)")
     model.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                        help="auto: fp16 on a GPU; on the CPU bf16 where it has native bf16, else fp32")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--device", help="default: cuda when there is a GPU (--ray: on GPU workers), else cpu")
     model.add_argument("--weights-dir", action="append", default=[],
                        help="folder with facexlib weights (RetinaFace detectors, parsing masks); repeatable")
     faces = parser.add_argument_group("faces (Detect Faces)")
@@ -84,6 +86,19 @@ def add_restore_options(parser: argparse.ArgumentParser) -> None:
     back.add_argument("--upscale-model", help="enlarge the background with this upscale model (ESRGAN etc.)")
 
 
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of a cluster run (--ray); the cluster module itself is imported only then."""
+    ray = parser.add_argument_group("cluster (needs pip install \"ray[data]\")")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="run on a Ray cluster: no ADDRESS starts one on this machine; 'auto' or "
+                          "'ray://host:10001' joins a running one (paths must be the same on every node)")
+    ray.add_argument("--workers", type=int, help="default: one per GPU of the cluster, else one per --worker-cpus CPUs")
+    ray.add_argument("--worker-cpus", type=float, default=1, help="CPUs each worker reserves")
+    ray.add_argument("--segment-frames", type=int,
+                     help="videos longer than this (default 1000 frames) are cut into segments that "
+                          "different workers restore")
+
+
 def restore(args: argparse.Namespace) -> int:
     """Restore every input; returns the exit status (1 if any input failed)."""
     if args.output is None:
@@ -105,7 +120,9 @@ def restore(args: argparse.Namespace) -> int:
                RestoreOptions(strength=args.strength, batch_size=args.batch_size),
                PasteOptions(feather=args.feather, colour=args.color_correction, blend=args.blend,
                             upscale=args.upscale, mask=args.mask))
-    device = torch.device(args.device)
+    if args.ray is not None:
+        return restore_on_cluster(args, tasks, problems, options)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = PRECISIONS.get(args.precision) or execution.default_dtype(device)
     restorer = load_restorer(args.model, device, dtype, args.detector, tuple(args.weights_dir), args.mask,
                              args.upscale_model)
@@ -114,6 +131,43 @@ def restore(args: argparse.Namespace) -> int:
     outcomes = run_tasks(tasks, FileRestorer(FrameEngine(restorer, *options)))
     print_summary(outcomes, time.perf_counter() - start)
     return 1 if problems or any(o.status == "failed" for o in outcomes) else 0
+
+
+def restore_on_cluster(args: argparse.Namespace, tasks: list[Task], problems: list[str],
+                       options: tuple[DetectOptions, RestoreOptions, PasteOptions]) -> int:
+    """The restore command's job on a Ray cluster (--ray); the model is checked here first, so a
+    bad file is one clear error rather than every worker failing to start."""
+    try:
+        import ray.data  # Ray is optional: only --ray needs it
+    except ImportError as error:
+        raise ValueError(f'--ray needs Ray Data, which is not installed ({error}). Install it with: '
+                         f'pip install "ray[data]"') from None
+    from . import cluster
+
+    detect_config(canonicalize(read_state_dict(args.model), Path(args.model).name), Path(args.model).name)
+    job = cluster.Job(str(Path(args.model).absolute()), *options, device=args.device,
+                      dtype=PRECISIONS.get(args.precision), weights_dirs=tuple(args.weights_dir),
+                      upscale_model=args.upscale_model and str(Path(args.upscale_model).absolute()))
+    started_here = cluster.connect(args.ray)
+    try:
+        size, resources = cluster.pool_size(args.workers, args.worker_cpus)
+        kind = "GPU" if resources.get("num_gpus") else f"{args.worker_cpus:g}-CPU"
+        print(f"{len(tasks)} file(s) on Ray ({args.ray}): {size} {kind} worker(s)")
+        report = cluster.restore(tasks, job, workers=args.workers, worker_cpus=args.worker_cpus,
+                                 segment_frames=args.segment_frames or cluster.DEFAULT_SEGMENT_FRAMES)
+    except ray.exceptions.RayError as error:  # e.g. a node where the model does not load
+        raise cluster.ClusterError(f"The cluster could not run the job: {error}") from None
+    finally:
+        if started_here:
+            ray.shutdown()
+    print_summary(report.outcomes, report.seconds)
+    for name, worker in sorted(report.workers.items()):
+        print(f"  worker {name}: {worker.items} file(s)/segment(s), {worker.frames} frame(s) in "
+              f"{worker.seconds:.1f} s, {worker.rate:.2f} frames/s")
+    if any(report.segments.values()):
+        print(f"  segments: {report.segments['restored']} restored, {report.segments['reused']} reused "
+              f"from an earlier run")
+    return 1 if problems or any(o.status == "failed" for o in report.outcomes) else 0
 
 
 def run_tasks(tasks: list[Task], restore_file: FileRestorer) -> list[Outcome]:
@@ -164,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, or folders")
     r.add_argument("--output", "-o", help="output folder (mirrors the inputs' folders)")
     add_restore_options(r)
+    add_cluster_options(r)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":

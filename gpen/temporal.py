@@ -94,6 +94,18 @@ def filter_settings(strength: float, face_size: float) -> tuple[float, float]:
     return min_cutoff, beta
 
 
+def settling_frames(strength: float, residual: float = 0.01) -> int:
+    """Frames after which a Smoother started fresh agrees with one that has run all along, to
+    ``residual`` of their first difference: the slowest decay of the One-Euro state (the value at
+    the minimum cut-off, the speed estimate at ``d_cutoff``). A video cut into segments decodes
+    this many frames before each segment to warm the smoother up."""
+    if strength <= 0:
+        return 0
+    one_euro = OneEuroFilter(*filter_settings(strength, 1.0))
+    keep = 1.0 - min(one_euro._alpha(one_euro.min_cutoff), one_euro._alpha(one_euro.d_cutoff))
+    return math.ceil(math.log(residual) / math.log(keep))
+
+
 class Smoother:
     """One-Euro filtering of each tracked face's landmarks, state carried from frame to frame;
     ``strength`` 0 leaves them as they are. Filters of faces that left are dropped."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -154,25 +154,50 @@ class VideoReader:
         except BaseException:
             self._container.close()
             raise
+        self._stream = _video_stream(self._container)
         self._started = False
 
     def frames(self) -> Iterator[DecodedFrame]:
         """Frames in decode order (= display order), once per reader."""
-        if self._started:
-            raise RuntimeError("VideoReader.frames() can be iterated once; open a new reader to start over.")
-        self._started = True
-        info = self.info
-        ticks_per_frame = 1 / (info.frame_rate * info.time_base)
+        self._start()
         count = 0
-        for count, frame in enumerate(self._decoded, start=1):
-            # Elementary streams (.h264) carry no timestamps: count frames instead.
-            pts = frame.pts if frame.pts is not None else round((count - 1) * ticks_per_frame)
-            yield DecodedFrame(count - 1, _upright(_to_rgb(frame), info.rotation), pts,
-                               float(pts * info.time_base), frame.duration or None)
-        expected = info.expected_frames
+        for count, decoded in enumerate(self._upright_frames(self._decoded, 0), start=1):
+            yield decoded
+        expected = self.info.expected_frames
         if expected and count < 0.9 * expected - 1:  # edit lists legitimately drop a few
             log.warning("%s: only %d of the %d frames its container announces could be read; the "
-                        "file is probably truncated.", info.path, count, expected)
+                        "file is probably truncated.", self.info.path, count, expected)
+
+    def frames_from(self, pts: int, index: int) -> Iterator[DecodedFrame]:
+        """The frames from the one at ``pts`` (VideoInfo.time_base units) on, numbered from
+        ``index`` (its place in the whole video), decoded from the keyframe before it rather
+        than from the start: one segment of a long video. Once per reader, instead of frames()."""
+        self._start()
+        back = 0
+        while True:  # a keyframe found by its decode time may show after ``pts``: seek further back
+            self._container.seek(pts - back, stream=self._stream, backward=True)
+            decoded = _decode(self._container, self._stream, self.info.path)
+            first = next(decoded)
+            if first.pts is None or first.pts <= pts or pts - back <= (self._stream.start_time or 0):
+                break
+            decoded.close()
+            back = max(2 * back, round(1 / self.info.time_base))  # one second, then doubling
+        kept = (frame for frame in itertools.chain([first], decoded) if frame.pts is None or frame.pts >= pts)
+        return self._upright_frames(kept, index)
+
+    def _start(self) -> None:
+        if self._started:
+            raise RuntimeError("A VideoReader's frames can be iterated once; open a new reader to start over.")
+        self._started = True
+
+    def _upright_frames(self, decoded: Iterator[av.VideoFrame], first_index: int) -> Iterator[DecodedFrame]:
+        info = self.info
+        ticks_per_frame = 1 / (info.frame_rate * info.time_base)
+        for index, frame in enumerate(decoded, start=first_index):
+            # Elementary streams (.h264) carry no timestamps: count frames instead.
+            pts = frame.pts if frame.pts is not None else round(index * ticks_per_frame)
+            yield DecodedFrame(index, _upright(_to_rgb(frame), info.rotation), pts,
+                               float(pts * info.time_base), frame.duration or None)
 
     def chunks(self, size: int) -> Iterator[list[DecodedFrame]]:
         """Frames in lists of ``size`` (the last may be shorter), for batched work."""
@@ -200,11 +225,14 @@ class VideoWriter:
     (or calling ``abort()``, e.g. on cancel) removes the partial file. Audio comes from
     ``audio_from``: a source video whose audio streams are copied packet for packet (re-encoded
     to AAC only where the output container cannot hold the codec), or an AudioWaveform.
+    With ``copy_from`` (a video stream of an open file) nothing is encoded: ``copy()`` muxes
+    that stream's packets as they are, which is how segments are joined (``join_segments``).
     """
 
     def __init__(self, path: str | Path, info: VideoInfo,
                  audio_from: Source | AudioWaveform | None = None, *, crf: int = DEFAULT_CRF,
-                 preset: str = DEFAULT_PRESET, pix_fmt: str | None = None):
+                 preset: str = DEFAULT_PRESET, pix_fmt: str | None = None,
+                 copy_from: av.VideoStream | None = None):
         self.path = Path(path)
         if self.path.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"Cannot write video '{self.path}': use one of {', '.join(OUTPUT_SUFFIXES)}.")
@@ -223,8 +251,9 @@ class VideoWriter:
         self._container = av.open(str(self.partial), mode="w",
                                   options=_MUXER_OPTIONS.get(self.path.suffix.lower(), {}))
         self._audio: list[_CopiedAudio | _EncodedAudio] = []
+        self._copying = copy_from is not None
         try:
-            self._video = self._add_video(crf, preset)
+            self._video = self._add_copy(copy_from) if copy_from is not None else self._add_video(crf, preset)
             self._audio = _audio_tracks(self._container, audio_from)
         except BaseException:
             self.abort()
@@ -245,11 +274,19 @@ class VideoWriter:
         context.color_range = _LIMITED_RANGE
         return stream
 
+    def _add_copy(self, template: av.VideoStream) -> av.VideoStream:
+        stream = self._container.add_stream_from_template(template=template, opaque=True)
+        stream.time_base = self.info.time_base
+        stream.codec_context.framerate = self.info.frame_rate  # the stated rate (Matroska writes it)
+        return stream
+
     def write(self, rgb: np.ndarray, pts: int | None = None, duration: int | None = None) -> None:
         """Encode one HxWx3 uint8 frame at ``pts`` (VideoInfo.time_base units, e.g. the source
         frame's pts, which keeps variable frame rates); None places it after the last frame.
         ``duration`` (same units; the source frame's) keeps the length of the last frame."""
         info = self.info
+        if self._copying:
+            raise RuntimeError("This VideoWriter copies encoded packets (copy_from); use copy().")
         if rgb.shape != (info.height, info.width, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"Frame must be {info.height}x{info.width}x3 uint8 for {self.path.name}; "
                              f"got {rgb.shape} {rgb.dtype}.")
@@ -267,6 +304,26 @@ class VideoWriter:
         self._last_pts = pts
         self.frames_written += 1
 
+    def copy(self, packets: Iterable[av.Packet], offset: int = 0) -> None:
+        """Mux encoded packets of the ``copy_from`` codec unchanged, their timestamps moved by
+        ``offset`` (VideoInfo.time_base units): a segment written from pts 0 goes where it starts."""
+        time_base = self.info.time_base
+        for packet in packets:
+            if packet.dts is None:  # the empty packet that ends a demux
+                continue
+            scale = packet.time_base / time_base
+            pts = round(packet.pts * scale) + offset
+            if self._last_pts is not None and pts <= self._last_pts:
+                raise VideoError(f"{self.path}: a segment starts at {float(pts * time_base):.3f} s, "
+                                 f"not after the previous one ended; the segments overlap.")
+            packet.pts, packet.dts = pts, round(packet.dts * scale) + offset
+            packet.duration = round(packet.duration * scale)
+            packet.time_base = time_base
+            packet.stream = self._video
+            self._mux_video([packet])  # the muxer may move the packet to the stream's own time base
+            self._last_pts = pts
+            self.frames_written += 1
+
     def _mux_video(self, packets: list[av.Packet]) -> None:
         for packet in packets:
             packet.duration = self._durations.pop(packet.pts, packet.duration)
@@ -283,7 +340,8 @@ class VideoWriter:
         try:
             if self.frames_written == 0:
                 raise ValueError(f"No frames were written to {self.path}; nothing to save.")
-            self._mux_video(self._video.encode(None))
+            if not self._copying:
+                self._mux_video(self._video.encode(None))
             for track in self._audio:
                 track.mux_until(None)
             self._container.close()
@@ -318,6 +376,65 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def frame_timestamps(source: str | Path) -> list[int] | None:
+    """The pts of every frame of a video (VideoInfo.time_base units, display order), read from
+    its packets without decoding anything: where a long video can be cut into segments. None
+    when its packets carry no timestamps (raw elementary streams), which cannot be cut."""
+    container, name, _ = _open(source)
+    try:
+        stream = _video_stream(container)
+        if stream is None:
+            raise VideoError(f"{name} has no video stream. Choose a video file.")
+        times = []
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:
+                continue  # the flush packet at the end; frames an edit list leaves out
+            if packet.pts is None:
+                return None
+            times.append(packet.pts)
+    except av.FFmpegError as error:
+        raise VideoError(f"{name}: its packets could not be read ({_reason(error)}); the file is damaged or "
+                         f"truncated.") from error
+    finally:
+        container.close()
+    return sorted(times)
+
+
+def join_segments(parts: Sequence[tuple[str | Path, int]], path: str | Path, info: VideoInfo,
+                  audio_from: Source | None = None) -> int:
+    """Join segment videos into ``path`` by stream copy (nothing re-encoded) and mux the audio
+    of ``audio_from`` once, publishing the file only when complete; returns its frame count.
+
+    ``parts`` are (file, start) in playing order: H.264 written by VideoWriter with timestamps
+    from 0 (MP4 keeps a later first timestamp only to its movie timescale, 1/1000 s), and the
+    pts (``info.time_base`` units) where each starts. Every segment begins with its own
+    keyframe, so the joined stream decodes from any segment on; their encoder settings (and
+    so headers) must be the same, which is checked.
+    """
+    if not parts:
+        raise ValueError(f"No segments to join into {path}.")
+    writer: VideoWriter | None = None
+    headers = None
+    try:
+        for part, start in parts:
+            with av.open(str(part)) as segment:
+                stream = segment.streams.video[0]
+                layout = (stream.codec_context.name, stream.codec_context.extradata, stream.width, stream.height)
+                if writer is None:
+                    writer = VideoWriter(path, info, audio_from, copy_from=stream)
+                    headers = layout
+                elif layout != headers:
+                    raise VideoError(f"{part} was encoded differently from the first segment of {path} "
+                                     f"(codec, headers or size); its segments cannot be joined.")
+                writer.copy(segment.demux(stream), start)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    writer.close()
+    return writer.frames_written
 
 
 def output_pix_fmt(info: VideoInfo) -> str:
@@ -390,12 +507,11 @@ def _inspect(container: av.container.InputContainer, name: str,
              size: int) -> tuple[VideoInfo, Iterator[av.VideoFrame]]:
     """VideoInfo from the container and the first decoded frame, and the decoded frames from
     the first on."""
-    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    stream = _video_stream(container)
     audio = len(container.streams.audio)
-    if not streams:
+    if stream is None:
         what = f"only {audio} audio stream(s)" if audio else "no audio or video streams"
         raise VideoError(f"{name} has no video stream ({what}). Choose a video file.")
-    stream = streams[0]
     if stream.codec_context is None:
         raise VideoError(f"{name}: its video codec is not one this FFmpeg (PyAV {av.__version__}) can "
                          f"decode. Convert it to MP4 (H.264) first.")
@@ -418,6 +534,12 @@ def _inspect(container: av.container.InputContainer, name: str,
                      rotation=rotation, pix_fmt=first.format.name, codec=stream.codec_context.name,
                      audio_streams=audio)
     return info, itertools.chain([first], decoded)
+
+
+def _video_stream(container: av.container.InputContainer) -> av.VideoStream | None:
+    """The video that is read: the first video stream that is not a cover picture."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    return streams[0] if streams else None
 
 
 def _check_complete(container: av.container.InputContainer, name: str, size: int) -> None:
