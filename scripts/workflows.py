@@ -22,7 +22,8 @@ def detect(image: list, **change) -> dict:
 
 
 def loader(name: str) -> dict:
-    return {"class_type": "GPENModelLoader", "inputs": {"model_name": name, "precision": "auto"}}
+    return {"class_type": "GPENModelLoader", "inputs": {"model_name": name, "precision": "auto",
+                                                        "compile": False}}
 
 
 def restore(model: list, image: list, faces: list, strength: float = 1.0) -> dict:
