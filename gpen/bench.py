@@ -401,11 +401,25 @@ def format_row(r: dict) -> str:
             f"{r['max_abs']:>9.2e} {r['psnr']:>8.1f}")
 
 
+class Passthrough(torch.nn.Module):
+    """A stand-in generator that returns its input: times everything around the model without
+    the forward competing for the same CPU cores."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("anchor", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def video_table(path: str, size: int, device: torch.device, dtype: torch.dtype,
-                detect: DetectOptions) -> dict:
+                detect: DetectOptions, model_free: bool = False) -> dict:
     """Restore a video file end to end with the frame engine (a random-weight generator of
-    ``size``), writing to a temporary file; ms per frame of each stage and frames/s overall.
-    Stages overlap on threads, so their sum can exceed the wall time per frame."""
+    ``size``, or a pass-through one if ``model_free``), writing to a temporary file; ms per frame
+    of each stage and frames/s overall. Stages overlap on threads, so their sum can exceed the
+    wall time per frame."""
     import tempfile
     from pathlib import Path as FilePath
 
@@ -415,8 +429,12 @@ def video_table(path: str, size: int, device: torch.device, dtype: torch.dtype,
     from .video import VideoReader, VideoWriter
 
     torch.manual_seed(0)
-    model = FullGenerator(GPENConfig(size)).eval().requires_grad_(False).to(device=device, dtype=dtype)
-    engine = FrameEngine(Restorer(model.to_channels_last(), device, dtype, load_detector(detect.detector, (), str(device))),
+    if model_free:
+        model = Passthrough(size).to(device)
+    else:
+        model = FullGenerator(GPENConfig(size)).eval().requires_grad_(False).to(device=device, dtype=dtype)
+        model = model.to_channels_last()
+    engine = FrameEngine(Restorer(model, device, dtype, load_detector(detect.detector, (), str(device))),
                          detect)
     frames = faces = 0
     encode = 0.0
@@ -434,7 +452,8 @@ def video_table(path: str, size: int, device: torch.device, dtype: torch.dtype,
            **{f"{stage}_ms": 1000 * engine.timings[stage] / frames for stage in STAGES},
            "encode_ms": 1000 * encode / frames}
     row["overhead_ms"] = sum(row[f"{stage}_ms"] for stage in ("decode", "detect", "align", "paste", "encode"))
-    print(f"{path}: {frames} frames, {faces} faces, GPEN-{size} {str(dtype).removeprefix('torch.')}, "
+    generator = "pass-through" if model_free else str(dtype).removeprefix('torch.')
+    print(f"{path}: {frames} frames, {faces} faces, GPEN-{size} {generator}, "
           f"redetect every {detect.redetect_every}")
     print("ms per frame: " + ", ".join(f"{k[:-3]} {row[k]:.1f}" for k in row if k.endswith("_ms")))
     print(f"end to end: {row['fps']:.2f} frames/s ({1000 / row['fps']:.0f} ms per frame, wall)")
@@ -465,6 +484,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image", help="with --stages: a frame to use instead of the sample photo")
     parser.add_argument("--video", help="restore this video end to end (frame engine, encode included): "
                                         "ms per frame of each stage and frames/s; --sizes picks the model")
+    parser.add_argument("--no-model", action="store_true",
+                        help="with --video: a generator that returns its input, to time everything else")
     parser.add_argument("--redetect-every", type=int, default=5,
                         help="with --video: whole-frame face search every N frames")
     args = parser.parse_args(argv)
@@ -476,7 +497,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.video:
         dtype = DTYPES[args.dtype] if args.dtype else execution.default_dtype(device)
         detect = DetectOptions(smoothing=0.5, redetect_every=args.redetect_every)
-        return [video_table(args.video, size, device, dtype, detect) for size in (args.sizes or [512])]
+        return [video_table(args.video, size, device, dtype, detect, args.no_model) for size in (args.sizes or [512])]
     if args.stages:
         dtype = DTYPES[args.dtype] if args.dtype else execution.default_dtype(device)
         return stage_table(sizes, device, dtype, args.repeats, test_frame(args.image))

@@ -92,3 +92,14 @@ def test_a_worker_error_reaches_the_consumer():
         raise RuntimeError("decoder broke")
     with pytest.raises(RuntimeError, match="decoder broke"):
         list(ahead(broken(), 2))
+
+
+def test_bench_video_times_every_stage_around_the_model(tmp_path, capsys):
+    from gpen import bench
+    from videoclips import face_clip
+
+    clip = face_clip(tmp_path / "faces.mp4", width=640, height=360, frames=6)
+    [row] = bench.main(["--video", str(clip), "--no-model", "--sizes", "512", "--dtypes", "fp32"])
+    assert row["frames"] == 6 and row["faces"] > 0 and row["fps"] > 0
+    assert all(row[f"{stage}_ms"] > 0 for stage in ("decode", "detect", "align", "paste", "encode"))
+    assert "pass-through" in capsys.readouterr().out
