@@ -146,8 +146,9 @@ class ComfyHost:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.load(r)
 
-    def post_prompt(self, graph: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": graph}).encode(),
+    def post_prompt(self, graph: dict, client_id: str | None = None) -> tuple[int, dict]:
+        body = {"prompt": graph, **({"client_id": client_id} if client_id else {})}
+        req = urllib.request.Request(self.url + "/prompt", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
