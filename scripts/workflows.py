@@ -149,17 +149,17 @@ LAYOUTS: dict[str, list[list[list[str]]]] = {
     "restore_faces_after_stable_diffusion": [[["1", "4"], ["2", "3"], ["5"], ["6", "12"]],
                        [["note"], ["7", "8"], ["9", "10"], ["11"]]],
     "restore_face_swapped_frames": [[["1", "2"], ["3", "4"], ["5"], ["6", "7"], ["8"]], [["note"]]],
-    "compare_gpen_512_1024_2048": [[["1", "note"], ["2", "3", "4", "5"], ["6", "7", "8"], ["9", "10"],
-                                    ["11", "12", "13", "14"]], [["15"]]],
+    "compare_gpen_512_1024_2048": [[["1"], ["3", "6"], ["9"], ["4", "7"], ["10"], ["5", "8"], ["11"]],
+                                   [["2", "note"], ["12", "13", "14"], ["15"]]],
     "restore_faces_in_a_video": [[["1", "2", "note"], ["3"], ["4"]]],
 }
 # Nodes that show a picture get room for it, so the result is visible without resizing; the
 # nodes that say what they did get room for the text ComfyUI shows under their widgets.
 PICTURE_SIZES = {"LoadImage": [320, 420], "SaveImage": [480, 520], "PreviewImage": [320, 380],
-                 "LoadVideo": [320, 420], "SaveVideo": [480, 520]}
-SIZES = {"compare_gpen_512_1024_2048": {"15": [1360, 420]}}  # the 4-up strip
+                 "LoadVideo": [320, 420], "SaveVideo": [480, 600]}
+SIZES = {"compare_gpen_512_1024_2048": {"15": [1000, 380]}}  # the 4-up strip
 TELLING = ["GPENDetectFaces", "GPENRestore", "GPENPasteBack", "GPENRestoreVideo"]
-NOTICE_HEIGHT = 70
+NOTICE_HEIGHT = 60
 NOTE_SIZE = [380, 300]
 GAP = 40
 

@@ -41,11 +41,21 @@ VIEW_JS = """() => {
     const boxes = graph._nodes.map(n => ({id: n.id, type: n.type, box: Array.from(n.getBounding())}));
     const shown = (node) => {
         const [x, y, w, h] = node.getBounding();
-        const points = [[0.5, 0.55], [0.1, 0.2], [0.9, 0.2], [0.1, 0.9], [0.9, 0.9]];
+        const steps = [0.02, 0.25, 0.5, 0.75, 0.98];
+        const points = steps.flatMap(fx => steps.map(fy => [fx, fy]));
         return points.every(([fx, fy]) => {
             const [cx, cy] = canvas.ds.convertOffsetToCanvas([x + fx * w, y + fy * h]);
             const hit = document.elementFromPoint(element.left + cx / devicePixelRatio,
                                                   element.top + cy / devicePixelRatio);
+            if (hit?.tagName === "VIDEO") {  // a video plays in a DOM element over its node
+                const r = hit.getBoundingClientRect();
+                const [left, top] = canvas.ds.convertOffsetToCanvas([x, y]);
+                const [right, bottom] = canvas.ds.convertOffsetToCanvas([x + w, y + h]);
+                return r.left >= element.left + left / devicePixelRatio - 1
+                    && r.right <= element.left + right / devicePixelRatio + 1
+                    && r.top >= element.top + top / devicePixelRatio - 1
+                    && r.bottom <= element.top + bottom / devicePixelRatio + 1;
+            }
             return hit === canvas.canvas && graph.getNodeOnPos(x + fx * w, y + fy * h) === node;
         });
     };
