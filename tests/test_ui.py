@@ -5,6 +5,7 @@ browser shows it with its thumbnail."""
 import json
 import shutil
 import sys
+import urllib.request
 
 import pytest
 import torch
@@ -63,7 +64,12 @@ VIEW_JS = """() => {
         .map(n => ({id: n.id, type: n.type, loaded: !!(n.imgs?.length && n.imgs[0].naturalWidth > 0)
                     || !!n.videoContainer || [...document.querySelectorAll("video")].some(v => v.readyState >= 2),
                     shown: shown(n)}));
-    return {zoom: canvas.ds.scale, visible: Array.from(canvas.visible_area), boxes, results};
+    const corners = boxes.flatMap(({box: [x, y, w, h]}) => [canvas.ds.convertOffsetToCanvas([x, y]),
+                                                           canvas.ds.convertOffsetToCanvas([x + w, y + h])]);
+    const screen = [Math.min(...corners.map(c => c[0])), Math.min(...corners.map(c => c[1])),
+                    Math.max(...corners.map(c => c[0])), Math.max(...corners.map(c => c[1]))]
+        .map((v, i) => Math.round((i % 2 ? element.top : element.left) + v / devicePixelRatio));
+    return {zoom: canvas.ds.scale, visible: Array.from(canvas.visible_area), boxes, results, screen};
 }"""
 NOTICES_JS = """() => Object.fromEntries(window.app.graph._nodes
     .map(n => [n.id, n.widgets?.find(w => w.name === "$$node-text-preview")?.value ?? null]))"""
@@ -98,6 +104,12 @@ def test_the_shipped_workflows():
                                           "restore_faces_in_a_video"}
     for path in WORKFLOWS:  # the Templates browser's thumbnail
         assert path.with_suffix(".jpg").is_file(), path
+
+
+def save_screenshot(page, name: str, view: dict) -> None:
+    """The page as the user sees it, and where the graph is on it (for scripts/figures.py)."""
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    (ARTIFACTS / f"{name}.json").write_text(json.dumps({"graph": view["screen"], "zoom": view["zoom"]}))
 
 
 def run_from_ui(host, page) -> dict:
@@ -139,14 +151,14 @@ def test_workflow_opens_readably_runs_and_shows_its_result(ui, path):
         assert status == 400
         refused = {body["node_errors"][k]["class_type"] for k in body["node_errors"]}
         assert refused <= UNAVAILABLE, body
-        page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+        save_screenshot(page, path.stem, view)
         assert page.gpen_log == [], page.gpen_log
         return
     entry = run_from_ui(host, page)
     assert entry["status"]["status_str"] == "success", entry["status"]
     page.wait_for_timeout(1500)  # the result loads into its node
     view = page.evaluate(VIEW_JS)
-    page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+    save_screenshot(page, path.stem, view)
     boxes = view["boxes"]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
@@ -168,18 +180,24 @@ def test_workflow_opens_readably_runs_and_shows_its_result(ui, path):
 def test_templates_browser_shows_each_workflow_with_its_thumbnail(ui):
     """Workflow > Browse Templates, the pack's category: one card per workflow, each thumbnail
     loaded (frontend 1.32.9 asks for NAME.jpg beside NAME.json), no console error."""
-    _, page = ui
+    host, page = ui
     page.gpen_log.clear()
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.get_by_text(PACK, exact=True).first.click()
     page.wait_for_timeout(2500)
     cards = page.evaluate("""() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
         .map(card => ({text: card.innerText, images: [...card.querySelectorAll('img')]
-                       .map(img => ({src: img.src, loaded: img.complete && img.naturalWidth > 0}))}))""")
-    page.screenshot(path=str(ARTIFACTS / "templates_browser.png"))
+                       .map(img => ({name: img.alt, src: img.src, loaded: img.complete && img.naturalWidth > 0}))}))""")
+    page.screenshot(path=str(ARTIFACTS / "templates_browser.png"))  # not a graph: no .json
     page.keyboard.press("Escape")
-    thumbnails = {img["src"].rsplit("/", 1)[-1]: img["loaded"] for card in cards for img in card["images"]}
-    assert thumbnails == {f"{p.stem}.jpg": True for p in WORKFLOWS}, cards
+    # Each card shows its own picture (fetched, then shown from a blob), not the placeholder.
+    thumbnails = {img["name"]: img["loaded"] and "default-template" not in img["src"]
+                  for card in cards for img in card["images"]}
+    assert thumbnails == {p.stem: True for p in WORKFLOWS}, cards
+    for path in WORKFLOWS:
+        with urllib.request.urlopen(f"{host.url}/api/workflow_templates/{PACK}/{path.stem}.jpg") as answer:
+            assert answer.headers["Content-Type"] == "image/jpeg"
+            assert answer.read() == path.with_suffix(".jpg").read_bytes()
     for path in WORKFLOWS:  # the description this frontend shows is the name, spaced
         assert any(path.stem.replace("_", " ") in card["text"] for card in cards), cards
     assert page.gpen_log == [], page.gpen_log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -23,6 +24,7 @@ CLEAR_TOASTS_JS = "() => document.querySelectorAll('.p-toast-message').forEach(t
 # How a request to the internet fails on a machine without it (the frontend asks api.comfy.org
 # about node packs); every other console error, and any HTTP error status, is a problem.
 OFFLINE_ERRORS = ("ERR_NAME_NOT_RESOLVED", "ERR_INTERNET_DISCONNECTED", "ERR_NETWORK_ACCESS_DENIED")
+PROBED = re.compile(r"/(api/userdata[/?]|user\.css$|favicon\.ico$)")
 FIT_VIEW_JS = "async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }"
 
 
@@ -44,17 +46,27 @@ def browser_page(url: str):
         def console(message) -> None:
             if message.type == "error":
                 where = message.location.get("url", "")
+                if "status of 404" in message.text and PROBED.search(where):
+                    return
                 text = f"console.error: {message.text} ({where})"
                 (offline if unreachable(message.text, where) else log).append(text)
 
         def failed(request) -> None:
+            if "ERR_ABORTED" in (request.failure or ""):  # the page dropped it (e.g. a closed dialog)
+                return
             text = f"request failed ({request.failure}): {request.url}"
             (offline if unreachable(request.failure or "", request.url) else log).append(text)
+
+        def response(answer) -> None:
+            # The frontend probes the user's optional files (user.css, settings, saved workflow
+            # folders) and takes a 404 as "none yet"; any other error status is a problem.
+            if answer.status >= 400 and not (answer.status == 404 and PROBED.search(answer.url)):
+                log.append(f"http {answer.status}: {answer.url}")
 
         page.on("console", console)
         page.on("pageerror", lambda e: log.append(f"pageerror: {e}"))
         page.on("dialog", lambda d: (log.append(f"dialog: {d.message}"), d.dismiss()))
-        page.on("response", lambda r: log.append(f"http {r.status}: {r.url}") if r.status >= 400 else None)
+        page.on("response", response)
         page.on("requestfailed", failed)
         # A returning user: no first-start templates dialog over the graph.
         page.request.post(f"{url}/settings/Comfy.TutorialCompleted", data="true")
