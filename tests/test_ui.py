@@ -234,3 +234,24 @@ def test_node_search_finds_the_pack(ui):
                           ".map(e => e.innerText.split('\\n')[0].trim()).filter(t => t)")
     page.keyboard.press("Escape")
     assert set(found[:4]) == {"Load GPEN Model", "Detect Faces", "GPEN Restore 2048", "Paste Back"}
+
+
+def test_missing_model_is_reported_in_the_ui_before_anything_runs(ui):
+    """A shared workflow naming a model this install does not have: Run shows ComfyUI's
+    validation error with the folder and the download URL, and nothing is queued."""
+    host, page = ui
+    workflow = json.loads((REPO / "workflows" / "restore_faces_in_a_photo.json").read_text())
+    loader = next(n for n in workflow["nodes"] if n["type"] == "GPENModelLoader")
+    loader["widgets_values"][0] = "GPEN-BFR-1024-v2.pth"
+    page.evaluate(CLEAR_TOASTS_JS)
+    page.evaluate(LOAD_JS, workflow)
+    history = set(host.get("/history"))
+    page.gpen_log.clear()
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_timeout(1500)
+    shown = page.inner_text("body")
+    page.screenshot(path=str(ARTIFACTS / "missing_model.png"))
+    page.keyboard.press("Escape")
+    assert "GPEN-BFR-1024-v2.pth" in shown and str(host.base / "models" / "facerestore_models") in shown, shown
+    assert "modelscope.cn" in shown and "public-vigen-video" in shown, shown  # where to get one
+    assert set(host.get("/history")) == history and not host.get("/queue")["queue_pending"]
