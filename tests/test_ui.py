@@ -221,7 +221,7 @@ def test_workflow_saved_before_new_inputs_still_runs(ui):
 
 
 def test_node_search_finds_the_pack(ui):
-    """Typing 'gpen' in the UI's node search lists the four nodes first. (ComfyUI 0.3.75's
+    """Typing 'gpen' in the UI's node search lists the pack's five nodes first. (ComfyUI 0.3.75's
     frontend searches names only; the aliases 'face restore' and 'face enhance' are declared for
     hosts whose schema supports them.)"""
     _, page = ui
@@ -233,7 +233,8 @@ def test_node_search_finds_the_pack(ui):
     found = page.evaluate("() => [...document.querySelectorAll('li[role=option]')]"
                           ".map(e => e.innerText.split('\\n')[0].trim()).filter(t => t)")
     page.keyboard.press("Escape")
-    assert set(found[:4]) == {"Load GPEN Model", "Detect Faces", "GPEN Restore 2048", "Paste Back"}
+    assert set(found[:5]) == {"Load GPEN Model", "Detect Faces", "GPEN Restore 2048", "Paste Back",
+                              "GPEN Restore Video"}, found
 
 
 def test_missing_model_is_reported_in_the_ui_before_anything_runs(ui):
