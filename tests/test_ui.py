@@ -189,7 +189,8 @@ def test_templates_browser_shows_each_workflow_with_its_thumbnail(ui):
         .map(card => ({text: card.innerText, images: [...card.querySelectorAll('img')]
                        .map(img => ({name: img.alt, src: img.src, loaded: img.complete && img.naturalWidth > 0}))}))""")
     page.screenshot(path=str(ARTIFACTS / "templates_browser.png"))  # not a graph: no .json
-    page.keyboard.press("Escape")
+    page.locator("[role=dialog] button.right-6").click()  # its close button (Escape does not close it)
+    page.wait_for_selector("[role=dialog]", state="detached", timeout=5000)
     # Each card shows its own picture (fetched, then shown from a blob), not the placeholder.
     thumbnails = {img["name"]: img["loaded"] and "default-template" not in img["src"]
                   for card in cards for img in card["images"]}
@@ -226,7 +227,8 @@ def test_node_search_finds_the_pack(ui):
     hosts whose schema supports them.)"""
     _, page = ui
     page.keyboard.press("Escape")
-    page.mouse.dblclick(1400, 900)
+    page.evaluate("() => window.app.graph.clear()")  # double-click empty canvas, not a node
+    page.mouse.dblclick(960, 540)
     page.wait_for_timeout(800)
     page.keyboard.type("gpen")
     page.wait_for_timeout(1200)
