@@ -7,6 +7,7 @@ faces exactly as they were.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -138,10 +139,9 @@ def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOpt
         chunk = crops[start:start + batch_size]
 
         def within_batch(done: int, steps: int, first: int = start, count: int = chunk.shape[0]) -> None:
-            if on_progress:
-                on_progress(first + count * done / steps, total)
+            on_progress(first + count * done / steps, total)
         try:
-            with execution.layer_steps(model, within_batch):
+            with execution.layer_steps(model, within_batch) if on_progress else contextlib.nullcontext():
                 restored = restore_batch(model, chunk.to(device), options.strength, dtype,
                                          pad_to=batch_size if compiled else 0)
         except torch.OutOfMemoryError:
