@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,18 +19,20 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, InputImpl, io
+from server import PromptServer
 
 # Inputs added after a node's first release are optional with defaults, so API prompts and
 # workflows saved before them keep validating and running unchanged.
 
-from .gpen import ModelLoadError, execution, load_generator, pipeline
+from .gpen import ModelLoadError, execution, load_generator, notices, pipeline
 from .gpen import image as im
 from .gpen.engine import Frame, FrameEngine, Restorer
-from .gpen.faces import load_detector
+from .gpen.faces import load_detector, retinaface_path
 from .gpen.files import video_frames
 from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, DetectOptions, PasteOptions, RestoreOptions,
                            parse_indices)
-from .gpen.parsing import load_parser
+from .gpen.loader import missing_model_message
+from .gpen.parsing import load_parser, parser_path
 from .gpen.video import AudioWaveform, VideoInfo, VideoReader, VideoWriter
 
 MODEL_FOLDER = "facerestore_models"  # shared with the other face-restore packs
@@ -36,6 +40,7 @@ DETECTOR_FOLDER = "facedetection"
 WEIGHT_EXTENSIONS = {".pth", ".pt", ".safetensors"}
 PRECISIONS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CATEGORY = "GPEN"
+logger = logging.getLogger(__name__)
 
 GPENModel = io.Custom("GPEN_MODEL")
 Faces = io.Custom("FACES")
@@ -51,7 +56,7 @@ def _schema(**fields) -> io.Schema:
     """io.Schema plus search aliases on ComfyUI versions whose schema has them (newer than 0.3.75)."""
     if "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}:
         fields["search_aliases"] = SEARCH_ALIASES
-    return io.Schema(category=CATEGORY, **fields)
+    return io.Schema(category=CATEGORY, hidden=[io.Hidden.unique_id], **fields)
 
 
 def _register_folders() -> None:
@@ -67,10 +72,11 @@ _register_folders()
 
 
 def _progress_callback(total: int):
-    """A ProgressBar that also honours the UI's cancel button between batches."""
+    """A ProgressBar that also honours the UI's cancel button at every update (``done`` may be
+    fractional: faces part-way through a batch's forward)."""
     bar = comfy.utils.ProgressBar(total)
 
-    def update(done: int, _total: int) -> None:
+    def update(done: float, _total: int) -> None:
         mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, total)
     return update
@@ -244,6 +250,31 @@ def upscaler_for(upscale_model) -> pipeline.Upscaler:
     return pipeline.enlarge if upscale_model is None else _model_upscaler(upscale_model)
 
 
+def missing_weights(detector: str | None = None, mask: str | None = None) -> str | bool:
+    """For ``validate_inputs``: True when the weights the chosen detector and mask need are in
+    models/facedetection, else the error (file, folder, URL), shown before anything runs."""
+    folders = folder_paths.get_folder_paths(DETECTOR_FOLDER)
+    try:
+        if detector is not None and detector != "mtcnn":
+            DetectOptions(detector=detector)
+            retinaface_path(detector, folders)
+        if mask is not None:
+            parser = PasteOptions(mask=mask).parser
+            if parser:
+                parser_path(parser, folders)
+    except ValueError as error:  # DetectorError, or a choice that does not exist
+        return str(error)
+    return True
+
+
+def tell(node: type[io.ComfyNode], name: str, text: str) -> None:
+    """What a node did, for the user: on the node in the UI (ComfyUI's progress text, shown
+    under the node's widgets) and in the server log as ``name (node ID): text``."""
+    logger.info("%s (node %s): %s", name, node.hidden.unique_id, text)
+    if node.hidden.unique_id is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, node.hidden.unique_id)
+
+
 class LoadGPENModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -272,12 +303,19 @@ class LoadGPENModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str | None = None) -> str | bool:
+        """A missing checkpoint is reported when the prompt is queued, before anything runs."""
+        if model_name is None or folder_paths.get_full_path(MODEL_FOLDER, model_name):
+            return True
+        return missing_model_message(model_name, folder_paths.get_folder_paths(MODEL_FOLDER),
+                                     folder_paths.get_filename_list(MODEL_FOLDER))
+
+    @classmethod
     def execute(cls, model_name: str, precision: str, compile: bool = False) -> io.NodeOutput:
         path = folder_paths.get_full_path(MODEL_FOLDER, model_name)
-        if path is None:
-            folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
-            raise ModelLoadError(f"GPEN model '{model_name}' was not found in {folders}. It may have "
-                                 f"been moved or deleted; put it back or pick another file.")
+        if path is None:  # went away between queueing and running
+            raise ModelLoadError(missing_model_message(model_name, folder_paths.get_folder_paths(MODEL_FOLDER),
+                                                       folder_paths.get_filename_list(MODEL_FOLDER)))
         if precision not in PRECISIONS:
             raise ValueError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
         dtype = PRECISIONS[precision] or auto_dtype(mm.get_torch_device())
@@ -307,7 +345,12 @@ class DetectFaces(io.ComfyNode):
         options = detect_options(detector, threshold, max_faces, order, min_size, indices, smoothing)
         faces = pipeline.detect(image, load_face_detector(detector), options,
                                 on_frame=_progress_callback(image.shape[0]))
+        tell(cls, "Detect Faces", notices.detection(faces, options.indices))
         return io.NodeOutput(faces)
+
+    @classmethod
+    def validate_inputs(cls, detector: str | None = None) -> str | bool:
+        return missing_weights(detector=detector)
 
 
 class GPENRestore(io.ComfyNode):
@@ -334,13 +377,15 @@ class GPENRestore(io.ComfyNode):
                 batch_size: int) -> io.NodeOutput:
         options = RestoreOptions(strength=strength, batch_size=batch_size)
         model = gpen_model.model
+        start = time.perf_counter()
         crops, aligned = pipeline.align(image, faces, model.size, gpen_model.load_device)
         if aligned.count:
             batch = prepare_generator(gpen_model, aligned.count, batch_size)
             options = dataclasses.replace(options, batch_size=batch)
             crops = pipeline.restore(model, crops, options, gpen_model.load_device,
                                      next(model.parameters()).dtype,
-                                     on_batch=_progress_callback(aligned.count))
+                                     on_progress=_progress_callback(aligned.count))
+        tell(cls, "GPEN Restore", notices.restoration(aligned.count, model.size, time.perf_counter() - start))
         return io.NodeOutput(crops, aligned)
 
 
@@ -372,7 +417,12 @@ class PasteBack(io.ComfyNode):
         out, paste_mask = pipeline.paste(image, restored_faces, faces, options, upscaler_for(upscale_model),
                                          load_face_parser(options), _progress_callback(image.shape[0]),
                                          mm.get_torch_device())
+        tell(cls, "Paste Back", notices.paste(faces, options.upscale))
         return io.NodeOutput(out, paste_mask)
+
+    @classmethod
+    def validate_inputs(cls, mask: str | None = None) -> str | bool:
+        return missing_weights(mask=mask)
 
 
 class GPENRestoreVideo(io.ComfyNode):
@@ -418,6 +468,7 @@ class GPENRestoreVideo(io.ComfyNode):
         restore = RestoreOptions(strength=strength, batch_size=prepare_generator(gpen_model, batch_size, batch_size))
         engine = FrameEngine(restorer, detect, restore, paste)
         target = Path(folder_paths.get_temp_directory()) / f"gpen_restored_{uuid.uuid4().hex[:12]}.mp4"
+        faces_per_frame: list[int] = []
         with video_source(video) as (info, frames, audio):
             bar = comfy.utils.ProgressBar(info.expected_frames or 0)
             with VideoWriter(target, engine.output_info(info), audio_from=audio) as writer, \
@@ -425,8 +476,14 @@ class GPENRestoreVideo(io.ComfyNode):
                 for frame in restored:
                     mm.throw_exception_if_processing_interrupted()
                     writer.write(frame.output, frame.pts, frame.duration)
+                    faces_per_frame.append(len(frame.faces))
                     bar.update(1)
+        tell(cls, "GPEN Restore Video", notices.video(faces_per_frame, engine.finder.found, detect.indices))
         return io.NodeOutput(InputImpl.VideoFromFile(str(target)))
+
+    @classmethod
+    def validate_inputs(cls, detector: str | None = None, mask: str | None = None) -> str | bool:
+        return missing_weights(detector=detector, mask=mask)
 
 
 @contextlib.contextmanager

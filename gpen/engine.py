@@ -124,6 +124,7 @@ class FrameEngine:
         self.paste_options = paste
         self.window = max(window, 1)  # frames held between stages and waiting for a batch
         self.timings: dict[str, float] = defaultdict(float)
+        self.finder = FaceFinder(restorer.detector, detect)  # the latest run's: faces found per frame
 
     def output_info(self, info: VideoInfo) -> VideoInfo:
         """The VideoInfo of the restored video: the source's, at the paste-back scale."""
@@ -134,8 +135,8 @@ class FrameEngine:
         """The frames, in order, each with ``faces`` and ``output`` set. Face tracking and
         smoothing run continuously over the whole stream. Closing the iterator early (cancel)
         stops the worker threads."""
-        finder = FaceFinder(self.restorer.detector, self.detect_options)
-        detected = ahead(self._detect(frames, finder), self.window)
+        self.finder = FaceFinder(self.restorer.detector, self.detect_options)
+        detected = ahead(self._detect(frames, self.finder), self.window)
         restored = ahead(self._restore(detected), self.window)
         for count, work in enumerate(restored, start=1):
             yield self._paste(work)

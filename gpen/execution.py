@@ -7,10 +7,11 @@ No ComfyUI here: the nodes ask ComfyUI for its GPU precision decisions and use
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -145,6 +146,25 @@ def enable_compile(model: FullGenerator) -> CompiledGenerator:
 
 def is_compiled(model: torch.nn.Module) -> bool:
     return model in _COMPILED
+
+
+@contextlib.contextmanager
+def layer_steps(model: FullGenerator, on_step: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``on_step(done, total)`` after each encoder and decoder convolution block of every
+    eager forward of ``model``: progress within a batch of faces, and a point to stop it (an
+    exception raised by ``on_step``, e.g. ComfyUI's cancel, ends the forward there). A compiled
+    model is left alone (hooks would break its graph), and so is any other module."""
+    if is_compiled(model) or not isinstance(model, FullGenerator):
+        yield
+        return
+    blocks = [*model.encoders(), model.generator.conv1, *model.generator.convs]
+    handles = [block.register_forward_hook(lambda *_, done=done: on_step(done, len(blocks)))
+               for done, block in enumerate(blocks, start=1)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def forward_of(model: FullGenerator) -> Forward:

@@ -57,6 +57,9 @@ class FaceSet:
     frames: list[list[Face]]
     crop_size: int | None = None  # set once faces are aligned for a model
     detector: str = ""
+    # Per frame, the faces a whole-frame search found before selection (size, indices,
+    # max_faces), or None where the faces were followed from earlier frames: for the notices.
+    found: tuple[int | None, ...] = ()
     # The unrestored aligned crops (IMAGE batch, crop order), kept so Paste Back can paste only
     # the restorer's change without cutting them again.
     originals: torch.Tensor | None = field(default=None, compare=False, repr=False)
@@ -244,9 +247,14 @@ def detect_near(detector: Detector, rgb: np.ndarray, box: tuple[float, ...], thr
     return best if best is not None and iou(best.box, box) > 0 else None
 
 
+def large_enough(faces: list[Face], min_size: float) -> list[Face]:
+    """The faces whose box is at least ``min_size`` pixels on its shorter side."""
+    return [f for f in faces if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_size]
+
+
 def select_faces(faces: list[Face], options: DetectOptions) -> list[Face]:
     """Filter by size, sort, then keep chosen indices and/or the first ``max_faces``."""
-    faces = [f for f in faces if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= options.min_size]
+    faces = large_enough(faces, options.min_size)
     keys: dict[str, Callable[[Face], float]] = {
         "largest first": lambda f: -f.area,
         "left to right": lambda f: f.box[0],

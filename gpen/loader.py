@@ -49,6 +49,29 @@ class ModelLoadError(ValueError):
     """A model file that cannot be used; the message says which file and what to do."""
 
 
+def download_source(name: str) -> str:
+    """Where to get the checkpoint ``name``: its own URL for an official GPEN-BFR file name,
+    else the URLs of all three."""
+    size = re.fullmatch(r"GPEN-BFR-(\d+)\.\w+", name)
+    if size and int(size.group(1)) in OFFICIAL_URLS:
+        return f"it is at {OFFICIAL_URLS[int(size.group(1))]}"
+    return (f"GPEN-BFR-512.pth is at {OFFICIAL_URLS[512]}, GPEN-BFR-1024/2048 at "
+            f"{OFFICIAL_URLS[1024].split(' ')[0]}")
+
+
+def missing_model_message(name: str, folders: list[str], available: list[str]) -> str:
+    """Why ``name`` cannot be loaded, worded for both a file the user never had (nothing there
+    yet: a first run of a shared workflow) and one that went away (moved, renamed, deleted)."""
+    where = " or ".join(folders) or "ComfyUI/models/facerestore_models"
+    get = (f"download '{name}' into {where} ({download_source(name)}), then press R in the UI to "
+           f"refresh the list")
+    if not available:
+        return f"No GPEN model is installed yet, so '{name}' cannot be loaded: {get}."
+    return (f"GPEN model '{name}' is not in {where}, which holds {', '.join(available)}. Pick one of "
+            f"those; if '{name}' was there before, it was moved, renamed or deleted: put it back; if "
+            f"you never had it, {get}.")
+
+
 def read_state_dict(path: str | Path, fix: str = WHERE_TO_GET) -> dict[str, torch.Tensor]:
     """Read tensors from ``.safetensors`` or a weights-only pickle, refusing anything else.
 

@@ -7,6 +7,7 @@ faces exactly as they were.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from .temporal import FaceFinder
 
 logger = logging.getLogger(__name__)
 BatchCallback = Callable[[int, int], None]
+# (faces done, in face-equivalents: fractions while a batch is in its forward; total faces)
+FaceProgress = Callable[[float, int], None]
 Upscaler = Callable[[torch.Tensor, int, int], torch.Tensor]  # [3,H,W] frame, width, height
 
 
@@ -39,7 +42,8 @@ def detect(image: torch.Tensor, detector: Detector, options: DetectOptions = Det
         frames.append(finder(im.frame_uint8(image, index)))
         if on_frame:
             on_frame(index + 1, image.shape[0])
-    return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=options.detector)
+    return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=options.detector,
+                   found=tuple(finder.found))
 
 
 def check_faces_match(image: torch.Tensor, faces: FaceSet, node: str) -> None:
@@ -111,9 +115,14 @@ def restore_batch(model: FullGenerator, crops: torch.Tensor, strength: float, dt
 
 def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  on_batch: BatchCallback | None = None) -> torch.Tensor:
+                  on_progress: FaceProgress | None = None) -> torch.Tensor:
     """Restore crops ``[N,3,S,S]`` (0..1, on any device) on ``device`` in batches of at most
     ``options.batch_size``; returns them on the crops' device.
+
+    ``on_progress`` hears how many faces are done after every convolution block of a forward
+    (eager models; after each batch when compiled), so progress moves per face while faces
+    still run in batches (on a CPU a batch of 4 is 12-15% faster per face than one at a time),
+    and a callback that raises (cancel) stops within a block, well inside one face's time.
 
     Every weight must already be on ``device`` (checked first, with a clear error). A compiled
     model runs batches of a power of two, the last one padded, so few shapes are ever compiled
@@ -128,9 +137,13 @@ def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOpt
     batch_size = 1 << (options.batch_size.bit_length() - 1) if compiled else options.batch_size
     while start < total:
         chunk = crops[start:start + batch_size]
+
+        def within_batch(done: int, steps: int, first: int = start, count: int = chunk.shape[0]) -> None:
+            on_progress(first + count * done / steps, total)
         try:
-            restored = restore_batch(model, chunk.to(device), options.strength, dtype,
-                                     pad_to=batch_size if compiled else 0)
+            with execution.layer_steps(model, within_batch) if on_progress else contextlib.nullcontext():
+                restored = restore_batch(model, chunk.to(device), options.strength, dtype,
+                                         pad_to=batch_size if compiled else 0)
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -138,16 +151,16 @@ def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOpt
             continue
         out[start:start + chunk.shape[0]] = restored
         start += chunk.shape[0]
-        if on_batch:
-            on_batch(start, total)
+        if on_progress:
+            on_progress(start, total)
     return out
 
 
 def restore(model: FullGenerator, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-            on_batch: BatchCallback | None = None) -> torch.Tensor:
+            on_progress: FaceProgress | None = None) -> torch.Tensor:
     """``restore_crops`` for an IMAGE batch of aligned crops; returns an IMAGE batch."""
-    restored = restore_crops(model, crops[..., :3].movedim(-1, 1), options, device, dtype, on_batch)
+    restored = restore_crops(model, crops[..., :3].movedim(-1, 1), options, device, dtype, on_progress)
     return restored.movedim(1, -1).contiguous()
 
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .faces import Detector, Face, detect_frame, detect_near, iou, select_faces
+from .faces import Detector, Face, detect_frame, detect_near, iou, large_enough, select_faces
 from .options import DetectOptions
 
 MIN_IOU = 0.3  # boxes overlapping less than this in consecutive frames are different faces
@@ -155,15 +155,19 @@ class FaceFinder:
         self.tracker = Tracker()
         self.smoother = Smoother(options.smoothing)
         self.frames_seen = 0
+        # Per frame: faces the whole-frame search found (before selection), None if followed.
+        self.found: list[int | None] = []
 
     def __call__(self, rgb: np.ndarray) -> list[Face]:
         """Faces of the next frame (uint8 HxWx3 RGB), with track ids and smoothed landmarks."""
         threshold = self.options.threshold
         if self.frames_seen % self.options.redetect_every == 0:
-            faces = select_faces(detect_frame(self.detector, rgb, threshold), self.options)
+            found = detect_frame(self.detector, rgb, threshold)
+            self.found.append(len(large_enough(found, self.options.min_size)))
+            faces = select_faces(found, self.options)
         else:
             near = (detect_near(self.detector, rgb, face.box, threshold) for face, _ in self.tracker.previous)
-            faces = [f for f in near if f is not None
-                     and min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= self.options.min_size]
+            faces = large_enough([f for f in near if f is not None], self.options.min_size)
+            self.found.append(None)
         self.frames_seen += 1
         return self.smoother(self.tracker(faces))

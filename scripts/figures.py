@@ -1,12 +1,15 @@
-"""README pictures: what the pack does on a real photo, and the shipped workflows in the real UI.
+"""README pictures and Templates-browser thumbnails: what the pack does on a real photo, and the
+shipped workflows in the real UI after a run.
 
-    python scripts/figures.py    # after `bash scripts/test.sh` (the UI tests take the screenshots)
+    python scripts/figures.py    # after tests/test_ui.py (it takes the screenshots)
 
-Writes docs/*.png. The photo figure is drawn by the pack itself (detection, alignment, mask).
+Writes docs/*.png and workflows/*.jpg. The photo figure is drawn by the pack itself (detection,
+alignment, mask); the others are cropped from the UI test's screenshots.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from gpen.faces import load_detector  # noqa: E402
 
 DOCS = REPO / "docs"
 SHOTS = REPO / "test-artifacts" / "ui"
+THUMBNAIL = 512
 COLOURS = [(255, 64, 64), (64, 255, 64), (64, 160, 255), (255, 255, 64), (255, 64, 255)]
 
 
@@ -48,21 +52,29 @@ def photo_figure() -> np.ndarray:
     return np.concatenate([left, gap, middle, gap, right], axis=1)
 
 
-def crop_screenshot(path: Path) -> np.ndarray:
-    """The graph part of a UI screenshot, at most 1600 px wide."""
+def crop_screenshot(path: Path, width: int = 1600) -> np.ndarray:
+    """The graph part of a UI screenshot (where the UI test found the nodes on the page), at
+    most ``width`` px wide."""
     shot = cv2.imread(str(path))[..., ::-1]
-    body = shot[90:-80, 60:]  # below the tab bar, right of the side bar, above the stats
-    background = np.median(body.reshape(-1, 3), axis=0)
-    busy = np.abs(body.astype(int) - background).max(-1) > 30
-    busy[:, -260:] = False  # the minimap and run controls
-    busy[:80] = False
-    ys, xs = np.nonzero(busy)
-    y0, y1 = max(ys.min() - 20, 0), min(ys.max() + 20, body.shape[0])
-    x0, x1 = max(xs.min() - 20, 0), min(xs.max() + 20, body.shape[1])
-    graph = body[y0:y1, x0:x1]
-    if graph.shape[1] > 1600:
-        graph = cv2.resize(graph, (1600, round(graph.shape[0] * 1600 / graph.shape[1])), interpolation=cv2.INTER_AREA)
+    left, top, right, bottom = json.loads(path.with_suffix(".json").read_text())["graph"]
+    margin = 12
+    graph = shot[max(top - margin, 0):bottom + margin, max(left - margin, 0):right + margin]
+    if graph.shape[1] > width:
+        graph = cv2.resize(graph, (width, round(graph.shape[0] * width / graph.shape[1])), interpolation=cv2.INTER_AREA)
     return graph
+
+
+def thumbnail(graph: np.ndarray, side: int = THUMBNAIL) -> np.ndarray:
+    """A square picture of the graph for the Templates browser (which shows NAME.jpg beside
+    NAME.json, square, scaled to fit), on the canvas colour."""
+    scale = side / max(graph.shape[:2])
+    fitted = cv2.resize(graph, (round(graph.shape[1] * scale), round(graph.shape[0] * scale)),
+                        interpolation=cv2.INTER_AREA)
+    square = np.empty((side, side, 3), np.uint8)
+    square[:] = graph[2, 2]  # the canvas around the nodes
+    top, left = (side - fitted.shape[0]) // 2, (side - fitted.shape[1]) // 2
+    square[top:top + fitted.shape[0], left:left + fitted.shape[1]] = fitted
+    return square
 
 
 def save(name: str, rgb: np.ndarray) -> None:
@@ -73,6 +85,13 @@ def save(name: str, rgb: np.ndarray) -> None:
 if __name__ == "__main__":
     DOCS.mkdir(exist_ok=True)
     save("astronaut_landmarks_crop_mask.png", photo_figure())
-    for shot in sorted(SHOTS.glob("*.png")):
-        if not shot.stem.endswith("_output"):
-            save(f"workflow_{shot.stem}.png", crop_screenshot(shot))
+    for workflow in sorted((REPO / "workflows").glob("*.json")):
+        shot = SHOTS / f"{workflow.stem}.png"
+        graph = crop_screenshot(shot)
+        save(f"workflow_{workflow.stem}.png", graph)
+        cv2.imwrite(str(workflow.with_suffix(".jpg")), np.ascontiguousarray(thumbnail(graph)[..., ::-1]),
+                    [cv2.IMWRITE_JPEG_QUALITY, 88])
+        print(f"workflows/{workflow.stem}.jpg")
+    browser = SHOTS / "templates_browser.png"
+    if browser.exists():  # taken once the thumbnails exist
+        save("templates_browser.png", cv2.imread(str(browser))[..., ::-1])

@@ -115,6 +115,11 @@ if [ ! -e "$base/input/astronaut.png" ]; then
     "$base/input/astronaut.png" 2>/dev/null ||
     echo "Note: no scikit-image here for the sample portrait: pick your own picture in Load Image." >&2
 fi
+# ... and restore_video on a two-second zoom into it, written by the pack's own video writer.
+if [ ! -e "$base/input/astronaut.mp4" ]; then
+  "$py" "$pack/scripts/sample_video.py" "$base/input/astronaut.mp4" >/dev/null 2>&1 ||
+    echo "Note: could not write the sample video: pick your own video in Load Video." >&2
+fi
 
 echo "Installed: ComfyUI at $comfy with the pack in $base/custom_nodes, Python at $py."
 echo "Put GPEN-BFR-*.pth in $base/models/facerestore_models (see README.md)."

@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "astronaut.png"
+VIDEO = "astronaut.mp4"  # scripts/sample_video.py
 
 
 def detect(image: list, **change) -> dict:
@@ -31,10 +32,16 @@ def restore(model: list, image: list, faces: list, strength: float = 1.0) -> dic
                                                     "strength": strength, "batch_size": 4}}
 
 
-def paste(image: list, restored: list, faces: list) -> dict:
+def paste(image: list, restored: list, faces: list, upscale: float = 1.0) -> dict:
     return {"class_type": "GPENPasteBack", "inputs": {
         "image": image, "restored_faces": restored, "faces": faces, "feather": 0.15,
-        "color_correction": True, "blend": "multiband", "upscale": 1.0, "mask": "face ellipse"}}
+        "color_correction": True, "blend": "multiband", "upscale": upscale, "mask": "face ellipse"}}
+
+
+def stitch(first: list, second: list, direction: str = "right") -> dict:
+    return {"class_type": "ImageStitch", "inputs": {"image1": first, "image2": second, "direction": direction,
+                                                    "match_image_size": True, "spacing_width": 8,
+                                                    "spacing_color": "white"}}
 
 
 def load(name: str = IMAGE) -> dict:
@@ -46,7 +53,7 @@ def save(images: list, prefix: str) -> dict:
 
 
 WORKFLOWS: dict[str, tuple[dict, str]] = {
-    "restore_photo": ({
+    "restore_faces_in_a_photo": ({
         "1": load(),
         "2": loader("GPEN-BFR-512.pth"),
         "3": detect(["1", 0]),
@@ -62,7 +69,7 @@ WORKFLOWS: dict[str, tuple[dict, str]] = {
        "3. Paste Back writes the restored faces into the photo; the preview shows the paste mask.\n\n"
        "Lower strength on GPEN Restore 2048 to keep more of the original (the authors use 0.8 at "
        "2048); set upscale on Paste Back to keep the detail of a 1024/2048 model."),
-    "sd_postprocess": ({
+    "restore_faces_after_stable_diffusion": ({
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo portrait of a smiling woman, natural light"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry, deformed"}},
@@ -81,7 +88,7 @@ WORKFLOWS: dict[str, tuple[dict, str]] = {
        "The four GPEN nodes sit between VAE Decode and Save Image; the preview shows the image before "
        "restoration. Pick your own checkpoint in Load Checkpoint and GPEN-BFR-512.pth (or 1024/2048) "
        "in Load GPEN Model."),
-    "faceswap_postprocess": ({
+    "restore_face_swapped_frames": ({
         "1": load(),
         "2": load(),
         "3": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
@@ -95,7 +102,7 @@ WORKFLOWS: dict[str, tuple[dict, str]] = {
        "Images; in practice the face-swap node's output or a video loader). Detect Faces keeps only "
        "the largest face (max_faces 1) and smooths its landmarks over the frames (smoothing 0.8) "
        "so the restored face does not flicker. Strength 0.8 keeps some of the swap's own texture."),
-    "compare": ({
+    "compare_gpen_512_1024_2048": ({
         "1": load(),
         "2": detect(["1", 0]),
         "3": loader("GPEN-BFR-512.pth"),
@@ -104,50 +111,98 @@ WORKFLOWS: dict[str, tuple[dict, str]] = {
         "6": restore(["3", 0], ["1", 0], ["2", 0]),
         "7": restore(["4", 0], ["1", 0], ["2", 0]),
         "8": restore(["5", 0], ["1", 0], ["2", 0]),
-        "9": paste(["1", 0], ["6", 0], ["6", 1]),
-        "10": paste(["1", 0], ["7", 0], ["7", 1]),
-        "11": paste(["1", 0], ["8", 0], ["8", 1]),
-        "12": {"class_type": "ImageStitch", "inputs": {"image1": ["1", 0], "image2": ["9", 0], "direction": "right",
-                                                      "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}},
-        "13": {"class_type": "ImageStitch", "inputs": {"image1": ["12", 0], "image2": ["10", 0], "direction": "right",
-                                                      "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}},
-        "14": {"class_type": "ImageStitch", "inputs": {"image1": ["13", 0], "image2": ["11", 0], "direction": "right",
-                                                      "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}},
+        "9": paste(["1", 0], ["6", 0], ["6", 1], upscale=2.0),
+        "10": paste(["1", 0], ["7", 0], ["7", 1], upscale=2.0),
+        "11": paste(["1", 0], ["8", 0], ["8", 1], upscale=2.0),
+        "12": stitch(["9", 0], ["1", 0], direction="left"),
+        "13": stitch(["12", 0], ["10", 0]),
+        "14": stitch(["13", 0], ["11", 0]),
         "15": save(["14", 0], "gpen_compare"),
     }, "Before / after with the 512, 1024 and 2048 models, side by side: original | 512 | 1024 | 2048.\n\n"
-       "Faces are detected once and restored by each model at its own size. Needs GPEN-BFR-512.pth, "
-       "GPEN-BFR-1024.pth and GPEN-BFR-2048.pth in models/facerestore_models."),
+       "Faces are detected once and restored by each model at its own size, then pasted onto the photo "
+       "enlarged 2x (upscale 2 on Paste Back), so the larger models' extra detail is kept instead of "
+       "being shrunk back to the face's size in the photo. Needs GPEN-BFR-512.pth, GPEN-BFR-1024.pth "
+       "and GPEN-BFR-2048.pth in models/facerestore_models."),
+    "restore_faces_in_a_video": ({
+        "1": {"class_type": "LoadVideo", "inputs": {"file": VIDEO}},
+        "2": loader("GPEN-BFR-512.pth"),
+        "3": {"class_type": "GPENRestoreVideo", "inputs": {
+            "video": ["1", 0], "gpen_model": ["2", 0], "detector": "mtcnn", "threshold": 0.9, "max_faces": 0,
+            "order": "largest first", "min_size": 0, "indices": "", "smoothing": 0.5, "redetect_every": 5,
+            "strength": 1.0, "batch_size": 4, "feather": 0.15, "color_correction": True, "blend": "multiband",
+            "upscale": 1.0, "mask": "face ellipse"}},
+        "4": {"class_type": "SaveVideo", "inputs": {"video": ["3", 0], "filename_prefix": "video/gpen_restored",
+                                                    "format": "auto", "codec": "auto"}},
+    }, "Restore the faces of a video, frame by frame, in bounded memory.\n\n"
+       "Load Video -> GPEN Restore Video -> Save Video: detection, tracking and landmark smoothing "
+       "(against flicker), restoration and paste-back in one node; sound, frame rate and timing are "
+       "kept. Whole frames are searched every 5 frames (redetect_every) and the faces followed in "
+       "between. Frames without a face pass through unchanged; the node says how many it restored.\n\n"
+       "Put GPEN-BFR-512.pth in models/facerestore_models. astronaut.mp4 is a short sample; pick your "
+       "own video in Load Video."),
 }
 
-EXPORT_JS = """async ([api, name, text]) => {
+# Where each node goes: rows of columns of API node ids ("note": the workflow's note), packed
+# left to right and top to bottom, so Fit View on a 1920x1080 screen keeps the text readable.
+LAYOUTS: dict[str, list[list[list[str]]]] = {
+    "restore_faces_in_a_photo": [[["1", "note"], ["2", "3"], ["4", "5"], ["6"], ["7", "8"]]],
+    "restore_faces_after_stable_diffusion": [[["1", "4"], ["2", "3"], ["5"], ["6", "12"]],
+                       [["note"], ["7", "8"], ["9", "10"], ["11"]]],
+    "restore_face_swapped_frames": [[["1", "2"], ["3", "4", "note"], ["5"], ["6", "7"], ["8"]]],
+    "compare_gpen_512_1024_2048": [[["1"], ["3", "6"], ["9"], ["4", "7"], ["10"], ["5", "8"], ["11"]],
+                                   [["2", "note"], ["12", "13", "14"], ["15"]]],
+    "restore_faces_in_a_video": [[["1", "2", "note"], ["3"], ["4"]]],
+}
+# Nodes that show a picture get room for it, so the result is visible without resizing; the
+# nodes that say what they did get room for the text ComfyUI shows under their widgets.
+PICTURE_SIZES = {"LoadImage": [320, 420], "SaveImage": [480, 520], "PreviewImage": [320, 380],
+                 "LoadVideo": [320, 420], "SaveVideo": [480, 600]}
+SIZES = {"compare_gpen_512_1024_2048": {"15": [1000, 380]}}  # the 4-up strip
+TELLING = ["GPENDetectFaces", "GPENRestore", "GPENPasteBack", "GPENRestoreVideo"]
+NOTICE_HEIGHT = 60
+NOTE_SIZE = [380, 300]
+GAP = 40
+
+EXPORT_JS = """async ([api, name, text, layout, pictures, sizes, telling, noticeHeight, noteSize, gap]) => {
     await window.app.loadApiJson(api, name);
     const graph = window.app.graph;
-    const order = {LoadImage: 0, CheckpointLoaderSimple: 0, CLIPTextEncode: 1, EmptyLatentImage: 1,
-                   KSampler: 2, VAEDecode: 3, ImageBatch: 1, GPENModelLoader: 1, GPENDetectFaces: 2,
-                   GPENRestore: 3, GPENPasteBack: 4, MaskToImage: 5, ImageStitch: 5, SaveImage: 6,
-                   PreviewImage: 6};
-    const rows = {};
-    const shift = graph._nodes.some(n => n.type === "KSampler") ? 3 : 0;
-    for (const node of [...graph._nodes].sort((a, b) => a.id - b.id)) {
-        let col = order[node.type] ?? 0;
-        if (node.type.startsWith("GPEN")) col += shift;
-        if (["SaveImage", "PreviewImage", "MaskToImage", "ImageStitch"].includes(node.type)) col += shift;
-        rows[col] = rows[col] ?? 60;
-        node.pos = [40 + col * 430, rows[col]];
-        rows[col] += (node.type === "LoadImage" ? Math.max(node.size[1], 380) : node.size[1]) + 60;
-    }
     const note = LiteGraph.createNode("Note");
-    note.pos = [40, Math.max(...Object.values(rows)) + 20];
-    note.size = [560, 220];
+    note.size = noteSize;
     note.widgets[0].value = text;
     graph.add(note);
+    const nodeOf = (id) => id === "note" ? note : graph.getNodeById(Number(id));
+    for (const node of graph._nodes) {
+        if (pictures[node.type]) node.size = [...pictures[node.type]];
+        if (telling.includes(node.type)) node.size = [node.size[0], node.size[1] + noticeHeight];
+    }
+    for (const [id, size] of Object.entries(sizes)) nodeOf(id).size = size;
+    let top = 0;
+    for (const row of layout) {
+        let left = 0, bottom = top;
+        for (const column of row) {
+            let y = top, width = 0;
+            for (const id of column) {
+                const node = nodeOf(id);
+                node.pos = [left, y];
+                y += node.size[1] + LiteGraph.NODE_TITLE_HEIGHT + gap;
+                width = Math.max(width, node.size[0]);
+            }
+            left += width + gap;
+            bottom = Math.max(bottom, y);
+        }
+        top = bottom;
+    }
+    const placed = new Set(layout.flat(2).map(nodeOf));
+    const stray = graph._nodes.filter(n => !placed.has(n)).map(n => n.type);
+    if (stray.length) throw new Error(`no place in the layout for ${stray}`);
     return JSON.parse(JSON.stringify(graph.serialize()));  // as Save writes it: no undefined fields
 }"""
 
 
 def export(page, name: str) -> dict:
     graph, note = WORKFLOWS[name]
-    return page.evaluate(EXPORT_JS, [graph, name, note])
+    return page.evaluate(EXPORT_JS, [graph, name, note, LAYOUTS[name], PICTURE_SIZES, SIZES.get(name, {}), TELLING,
+                                     NOTICE_HEIGHT, NOTE_SIZE, GAP])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 import torchaudio
 
 from conftest import REPO, ComfyHost, free_port
+from gpen.video import probe
 
 NODES = ("GPENModelLoader", "GPENDetectFaces", "GPENRestore", "GPENPasteBack")
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -76,6 +77,7 @@ def test_setup_installs_the_pack_into_the_users_comfyui(users_comfyui):
     for shipped in WORKFLOWS[1:]:
         assert (workflows / shipped.name).read_bytes() == shipped.read_bytes()
     assert (comfy / "input" / "astronaut.png").read_bytes() == b"the user's own picture"
+    assert probe(comfy / "input" / "astronaut.mp4").frame_count == 24  # restore_faces_in_a_video's sample
 
     port = free_port()
     host = ComfyHost(comfy, ["bash", str(REPO / "scripts" / "setup.sh"), "--serve"], cwd=REPO, port=port,

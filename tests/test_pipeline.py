@@ -149,7 +149,7 @@ def test_out_of_memory_halves_the_batch():
     crops = torch.rand(5, 8, 8, 3)
     model = _FlakyMemory()
     done = []
-    out = pipeline.restore(model, crops, RestoreOptions(batch_size=4), on_batch=lambda d, t: done.append(d))
+    out = pipeline.restore(model, crops, RestoreOptions(batch_size=4), on_progress=lambda d, t: done.append(d))
     assert model.batches[:3] == [4, 2, 1] and done[-1] == 5
     assert torch.allclose(out, 1 - crops, atol=1e-6)
 

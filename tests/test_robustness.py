@@ -113,8 +113,9 @@ def test_long_batch_with_and_without_faces(astro, mtcnn, tiny_model):
     assert [len(f) for f in faces.frames[:4]] == [1, 0, 1, 0] and faces.count == 100
     crops, aligned = pipeline.align(frames, faces, tiny_model.size)
     seen = []
-    restored = pipeline.restore(tiny_model, crops, RestoreOptions(batch_size=8), on_batch=lambda d, t: seen.append(d))
-    assert seen[0] == 8 and seen[-1] == 100
+    restored = pipeline.restore(tiny_model, crops, RestoreOptions(batch_size=8), on_progress=lambda d, t: seen.append(d))
+    assert 0 < seen[0] < 1 and 8 in seen and seen[-1] == 100  # moves within a batch of 8
+    assert seen == sorted(seen)
     out, mask = pipeline.paste(frames, restored, aligned)
     assert out.shape == frames.shape and torch.equal(out[1::2], frames[1::2])
 

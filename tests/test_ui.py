@@ -1,21 +1,30 @@
-"""Every shipped workflow in ComfyUI's real web UI: it opens cleanly, converts, and runs."""
+"""Every shipped workflow in ComfyUI's real web UI (1920x1080): it opens cleanly and readably,
+runs from the UI with its result in view and each node's notice on it, and the Templates
+browser shows it with its thumbnail."""
 
 import json
 import shutil
+import sys
+import urllib.request
 
-import cv2
 import pytest
 import torch
 
 from conftest import REPO, random_state_dict
 from uihost import CLEAR_TOASTS_JS, FIT_VIEW_JS, TOASTS_JS, browser_page
 
+sys.path.insert(0, str(REPO / "scripts"))
+from sample_video import write_sample  # noqa: E402
+
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 # Saved before Detect Faces and Paste Back gained inputs: must still open and run.
 OLD_WORKFLOW = REPO / "tests" / "data" / "restore_photo_v0.1.json"
 ARTIFACTS = REPO / "test-artifacts" / "ui"
+PACK = "comfyui-gpen"  # the pack's folder in custom_nodes: its category in the Templates browser
 # Models a test host cannot have: an SD checkpoint. Everything else the workflows name exists.
 UNAVAILABLE = {"CheckpointLoaderSimple"}
+# Fit View zoom at which the smallest text (widget values, 12 px at zoom 1) is still about 7 px.
+READABLE_ZOOM = 0.6
 LOAD_JS = """async (workflow) => {
     await window.app.loadGraphData(workflow);
     const graph = window.app.graph;
@@ -24,27 +33,100 @@ LOAD_JS = """async (workflow) => {
     const prompt = await window.app.graphToPrompt();
     return {missing, values, api: prompt.output};
 }"""
+# Node boxes (title included) in graph units, the visible part of the graph, and, for each node
+# showing a result, whether that result is what the user sees at its centre and corners (not
+# covered by another node, a panel or the run controls).
+VIEW_JS = """() => {
+    const canvas = window.app.canvas, graph = window.app.graph;
+    const element = canvas.canvas.getBoundingClientRect();
+    const boxes = graph._nodes.map(n => ({id: n.id, type: n.type, box: Array.from(n.getBounding())}));
+    const shown = (node) => {
+        const [x, y, w, h] = node.getBounding();
+        const steps = [0.02, 0.25, 0.5, 0.75, 0.98];
+        const points = steps.flatMap(fx => steps.map(fy => [fx, fy]));
+        return points.every(([fx, fy]) => {
+            const [cx, cy] = canvas.ds.convertOffsetToCanvas([x + fx * w, y + fy * h]);
+            const hit = document.elementFromPoint(element.left + cx / devicePixelRatio,
+                                                  element.top + cy / devicePixelRatio);
+            if (hit?.tagName === "VIDEO") {  // a video plays in a DOM element over its node
+                const r = hit.getBoundingClientRect();
+                const [left, top] = canvas.ds.convertOffsetToCanvas([x, y]);
+                const [right, bottom] = canvas.ds.convertOffsetToCanvas([x + w, y + h]);
+                return r.left >= element.left + left / devicePixelRatio - 1
+                    && r.right <= element.left + right / devicePixelRatio + 1
+                    && r.top >= element.top + top / devicePixelRatio - 1
+                    && r.bottom <= element.top + bottom / devicePixelRatio + 1;
+            }
+            return hit === canvas.canvas && graph.getNodeOnPos(x + fx * w, y + fy * h) === node;
+        });
+    };
+    const results = graph._nodes.filter(n => ["SaveImage", "PreviewImage", "SaveVideo"].includes(n.type))
+        .map(n => ({id: n.id, type: n.type, loaded: !!(n.imgs?.length && n.imgs[0].naturalWidth > 0)
+                    || !!n.videoContainer || [...document.querySelectorAll("video")].some(v => v.readyState >= 2),
+                    shown: shown(n)}));
+    const corners = boxes.flatMap(({box: [x, y, w, h]}) => [canvas.ds.convertOffsetToCanvas([x, y]),
+                                                           canvas.ds.convertOffsetToCanvas([x + w, y + h])]);
+    const screen = [Math.min(...corners.map(c => c[0])), Math.min(...corners.map(c => c[1])),
+                    Math.max(...corners.map(c => c[0])), Math.max(...corners.map(c => c[1]))]
+        .map((v, i) => Math.round((i % 2 ? element.top : element.left) + v / devicePixelRatio));
+    return {zoom: canvas.ds.scale, visible: Array.from(canvas.visible_area), boxes, results, screen};
+}"""
+NOTICES_JS = """() => Object.fromEntries(window.app.graph._nodes
+    .map(n => [n.id, n.widgets?.find(w => w.name === "$$node-text-preview")?.value ?? null]))"""
+
+
+def overlaps(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def inside(box: list[float], area: list[float]) -> bool:
+    return (area[0] <= box[0] and box[0] + box[2] <= area[0] + area[2]
+            and area[1] <= box[1] and box[1] + box[3] <= area[1] + area[3])
 
 
 @pytest.fixture(scope="module")
 def ui(served, manifests, gpen512_file):
-    """The served host plus 1024 and 2048 models (random, official layout) and a browser page."""
+    """The served host plus 1024 and 2048 models (random, official layout), the sample video
+    (3 frames: CPU time) and a browser page."""
     folder = served.base / "models" / "facerestore_models"
     for size in (1024, 2048):
         if not (folder / f"GPEN-BFR-{size}.pth").exists():
             torch.save(random_state_dict(manifests[size], seed=size), folder / f"GPEN-BFR-{size}.pth")
+    write_sample(served.base / "input" / "astronaut.mp4", frames=3)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with browser_page(served.url) as page:
         yield served, page
 
 
-def test_there_are_four_workflows():
-    assert {p.stem for p in WORKFLOWS} == {"restore_photo", "sd_postprocess", "faceswap_postprocess",
-                                          "compare"}
+def test_the_shipped_workflows():
+    assert {p.stem for p in WORKFLOWS} == {"restore_faces_in_a_photo", "restore_faces_after_stable_diffusion",
+                                          "restore_face_swapped_frames", "compare_gpen_512_1024_2048",
+                                          "restore_faces_in_a_video"}
+    for path in WORKFLOWS:  # the Templates browser's thumbnail
+        assert path.with_suffix(".jpg").is_file(), path
+
+
+def save_screenshot(page, name: str, view: dict) -> None:
+    """The page as the user sees it, and where the graph is on it (for scripts/figures.py)."""
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    (ARTIFACTS / f"{name}.json").write_text(json.dumps({"graph": view["screen"], "zoom": view["zoom"]}))
+
+
+def run_from_ui(host, page) -> dict:
+    """Press Run (app.queuePrompt) and wait for the prompt's history entry."""
+    before = set(host.get("/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    for _ in range(3600):
+        new = set(host.get("/history")) - before
+        if new:
+            (prompt_id,) = new
+            return host.get(f"/history/{prompt_id}")[prompt_id]
+        page.wait_for_timeout(250)
+    raise TimeoutError("the prompt queued from the UI did not finish in 15 minutes")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_opens_converts_and_runs(ui, path):
+def test_workflow_opens_readably_runs_and_shows_its_result(ui, path):
     host, page = ui
     workflow = json.loads(path.read_text())
     assert any(n["type"] == "Note" and n["widgets_values"][0].strip() for n in workflow["nodes"])
@@ -53,32 +135,73 @@ def test_workflow_opens_converts_and_runs(ui, path):
     result = page.evaluate(LOAD_JS, workflow)
     page.evaluate(FIT_VIEW_JS)
     page.wait_for_timeout(1000)
-    page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
     assert page.evaluate(TOASTS_JS) == []  # e.g. "Invalid workflow against zod schema"
     assert result["missing"] == []
-    problems = [line for line in page.gpen_log if "Failed to load resource" not in line]
-    assert problems == [], problems
     for node in workflow["nodes"]:  # the UI kept every widget value as saved
         if node.get("widgets_values") is not None:
             assert result["values"][str(node["id"])] == node["widgets_values"], node["type"]
+    view = page.evaluate(VIEW_JS)
+    assert view["zoom"] >= READABLE_ZOOM, view["zoom"]
+    for box in view["boxes"]:
+        assert inside(box["box"], view["visible"]), box
 
-    status, body = host.post_prompt(result["api"])
-    uses_unavailable = any(n["type"] in UNAVAILABLE for n in workflow["nodes"])
-    if uses_unavailable:  # only the missing SD checkpoint may be refused; our nodes validate
+    if any(n["type"] in UNAVAILABLE for n in workflow["nodes"]):
+        # Only the missing SD checkpoint may be refused; our nodes validate.
+        status, body = host.post_prompt(result["api"])
         assert status == 400
         refused = {body["node_errors"][k]["class_type"] for k in body["node_errors"]}
         assert refused <= UNAVAILABLE, body
+        save_screenshot(page, path.stem, view)
+        assert page.gpen_log == [], page.gpen_log
         return
-    assert status == 200, body
-    entry = host.wait(body["prompt_id"], timeout=900)
+    entry = run_from_ui(host, page)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    saved = [img for out in entry["outputs"].values() for img in out.get("images", [])
-             if img["type"] == "output"]
+    page.wait_for_timeout(1500)  # the result loads into its node
+    view = page.evaluate(VIEW_JS)
+    save_screenshot(page, path.stem, view)
+    boxes = view["boxes"]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not overlaps(a["box"], b["box"]), (a, b)
+    assert view["results"] and all(r["loaded"] and r["shown"] for r in view["results"]), view["results"]
+    notices = page.evaluate(NOTICES_JS)
+    for node in workflow["nodes"]:  # every node of ours that runs says what it did, on the node
+        if node["type"] in ("GPENDetectFaces", "GPENRestore", "GPENPasteBack", "GPENRestoreVideo"):
+            text = notices[str(node["id"])]
+            assert text and text in page.inner_text("body"), (node["type"], text)
+    assert page.gpen_log == [], page.gpen_log  # no console error, no 404 among them
+    saved = [item for out in entry["outputs"].values() for item in out.get("images", [])
+             if item["type"] == "output"]
     assert saved, entry["outputs"]
-    image = cv2.imread(str(host.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]))
-    assert image is not None and image.shape[0] >= 512
     shutil.copy(host.base / "output" / saved[0]["subfolder"] / saved[0]["filename"],
-                ARTIFACTS / f"{path.stem}_output.png")
+                ARTIFACTS / f"{path.stem}_output{(host.base / 'output' / saved[0]['filename']).suffix}")
+
+
+def test_templates_browser_shows_each_workflow_with_its_thumbnail(ui):
+    """Workflow > Browse Templates, the pack's category: one card per workflow, each thumbnail
+    loaded (frontend 1.32.9 asks for NAME.jpg beside NAME.json), no console error."""
+    host, page = ui
+    page.gpen_log.clear()
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.get_by_text(PACK, exact=True).first.click()
+    page.wait_for_timeout(2500)
+    cards = page.evaluate("""() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+        .map(card => ({text: card.innerText, images: [...card.querySelectorAll('img')]
+                       .map(img => ({name: img.alt, src: img.src, loaded: img.complete && img.naturalWidth > 0}))}))""")
+    page.screenshot(path=str(ARTIFACTS / "templates_browser.png"))  # not a graph: no .json
+    page.locator("[role=dialog] button.right-6").click()  # its close button (Escape does not close it)
+    page.wait_for_selector("[role=dialog]", state="detached", timeout=5000)
+    # Each card shows its own picture (fetched, then shown from a blob), not the placeholder.
+    thumbnails = {img["name"]: img["loaded"] and "default-template" not in img["src"]
+                  for card in cards for img in card["images"]}
+    assert thumbnails == {p.stem: True for p in WORKFLOWS}, cards
+    for path in WORKFLOWS:
+        with urllib.request.urlopen(f"{host.url}/api/workflow_templates/{PACK}/{path.stem}.jpg") as answer:
+            assert answer.headers["Content-Type"] == "image/jpeg"
+            assert answer.read() == path.with_suffix(".jpg").read_bytes()
+    for path in WORKFLOWS:  # the description this frontend shows is the name, spaced
+        assert any(path.stem.replace("_", " ") in card["text"] for card in cards), cards
+    assert page.gpen_log == [], page.gpen_log
 
 
 def test_workflow_saved_before_new_inputs_still_runs(ui):
@@ -99,16 +222,39 @@ def test_workflow_saved_before_new_inputs_still_runs(ui):
 
 
 def test_node_search_finds_the_pack(ui):
-    """Typing 'gpen' in the UI's node search lists the four nodes first. (ComfyUI 0.3.75's
+    """Typing 'gpen' in the UI's node search lists the pack's five nodes first. (ComfyUI 0.3.75's
     frontend searches names only; the aliases 'face restore' and 'face enhance' are declared for
     hosts whose schema supports them.)"""
     _, page = ui
     page.keyboard.press("Escape")
-    page.mouse.dblclick(1400, 900)
+    page.evaluate("() => window.app.graph.clear()")  # double-click empty canvas, not a node
+    page.mouse.dblclick(960, 540)
     page.wait_for_timeout(800)
     page.keyboard.type("gpen")
     page.wait_for_timeout(1200)
     found = page.evaluate("() => [...document.querySelectorAll('li[role=option]')]"
                           ".map(e => e.innerText.split('\\n')[0].trim()).filter(t => t)")
     page.keyboard.press("Escape")
-    assert set(found[:4]) == {"Load GPEN Model", "Detect Faces", "GPEN Restore 2048", "Paste Back"}
+    assert set(found[:5]) == {"Load GPEN Model", "Detect Faces", "GPEN Restore 2048", "Paste Back",
+                              "GPEN Restore Video"}, found
+
+
+def test_missing_model_is_reported_in_the_ui_before_anything_runs(ui):
+    """A shared workflow naming a model this install does not have: Run shows ComfyUI's
+    validation error with the folder and the download URL, and nothing is queued."""
+    host, page = ui
+    workflow = json.loads((REPO / "workflows" / "restore_faces_in_a_photo.json").read_text())
+    loader = next(n for n in workflow["nodes"] if n["type"] == "GPENModelLoader")
+    loader["widgets_values"][0] = "GPEN-BFR-1024-v2.pth"
+    page.evaluate(CLEAR_TOASTS_JS)
+    page.evaluate(LOAD_JS, workflow)
+    history = set(host.get("/history"))
+    page.gpen_log.clear()
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_timeout(1500)
+    shown = page.inner_text("body")
+    page.screenshot(path=str(ARTIFACTS / "missing_model.png"))
+    page.keyboard.press("Escape")
+    assert "GPEN-BFR-1024-v2.pth" in shown and str(host.base / "models" / "facerestore_models") in shown, shown
+    assert "modelscope.cn" in shown and "public-vigen-video" in shown, shown  # where to get one
+    assert set(host.get("/history")) == history and not host.get("/queue")["queue_pending"]
