@@ -22,7 +22,6 @@ import torch
 
 from . import execution
 from .engine import FrameEngine, load_restorer
-from .execution import default_dtype
 from .faces import DetectorError
 from .files import FileRestorer, Outcome, Task, plan
 from .loader import ModelLoadError, canonicalize, detect_config, load_generator, read_state_dict
