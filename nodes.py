@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,6 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, InputImpl, io
-from server import PromptServer
 
 # Inputs added after a node's first release are optional with defaults, so API prompts and
 # workflows saved before them keep validating and running unchanged.
@@ -270,9 +270,12 @@ def missing_weights(detector: str | None = None, mask: str | None = None) -> str
 def tell(node: type[io.ComfyNode], name: str, text: str) -> None:
     """What a node did, for the user: on the node in the UI (ComfyUI's progress text, shown
     under the node's widgets) and in the server log as ``name (node ID): text``."""
-    logger.info("%s (node %s): %s", name, node.hidden.unique_id, text)
-    if node.hidden.unique_id is not None and PromptServer.instance is not None:
-        PromptServer.instance.send_progress_text(text, node.hidden.unique_id)
+    node_id = node.hidden.unique_id if node.hidden is not None else None  # None: called from Python
+    logger.info("%s (node %s): %s", name, node_id, text)
+    server = sys.modules.get("server")  # ComfyUI's server module, once it is running the graph
+    prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if node_id is not None and prompt_server is not None:
+        prompt_server.send_progress_text(text, node_id)
 
 
 class LoadGPENModel(io.ComfyNode):

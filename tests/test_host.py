@@ -47,6 +47,18 @@ def error_of(entry: dict) -> dict:
     return next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
 
 
+def failure_of(host, graph: dict) -> tuple[str, str]:
+    """(node type, message) of a graph that fails: refused when queued (a missing file, found by
+    the node's input validation) or failed when run (anything found only by loading)."""
+    status, body = host.post_prompt(graph)
+    if status == 400:
+        [refused] = body["node_errors"].values()
+        return refused["class_type"], " ".join(f"{e['message']}: {e['details']}" for e in refused["errors"])
+    assert status == 200, body
+    error = error_of(host.wait(body["prompt_id"]))
+    return error["node_type"], error["exception_message"]
+
+
 def test_nodes_are_registered_with_tooltips_and_descriptions(host):
     for class_name, display in NODES.items():
         info = host.get(f"/object_info/{class_name}")[class_name]
@@ -137,15 +149,14 @@ def test_image_without_faces_is_saved_unchanged(served):
 
 
 def test_missing_weights_are_named(served):
-    message = error_of(served.run(restore_graph("astronaut.png", model="GPEN-BFR-2048.pth")))
-    assert "GPEN-BFR-2048.pth" in message["exception_message"]
-    assert "facerestore_models" in message["exception_message"]
+    node, text = failure_of(served, restore_graph("astronaut.png", model="GPEN-BFR-2048.pth"))
+    assert node == "GPENModelLoader"
+    assert "GPEN-BFR-2048.pth" in text and "facerestore_models" in text
 
 
 def test_missing_detector_weights_name_folder_file_and_url(served):
-    message = error_of(served.run(restore_graph("astronaut.png", detector="retinaface_resnet50")))
-    text = message["exception_message"]
-    assert message["node_type"] == "GPENDetectFaces"
+    node, text = failure_of(served, restore_graph("astronaut.png", detector="retinaface_resnet50"))
+    assert node == "GPENDetectFaces"
     assert "detection_Resnet50_Final.pth" in text and "facedetection" in text
     assert "https://github.com/xinntao/facexlib/releases/download/v0.1.0/" in text
 
@@ -175,7 +186,7 @@ def _good_run(host, tag: str, threshold: float = 0.9) -> dict:
 
 
 BAD_PROMPTS = [
-    ({"2": {"model_name": "deleted.pth"}}, "GPENModelLoader", "'deleted.pth' was not found"),
+    ({"2": {"model_name": "deleted.pth"}}, "GPENModelLoader", "'deleted.pth' is not in"),
     ({"2": {"model_name": "evil.pth"}}, "GPENModelLoader", "refused"),
     ({"2": {"model_name": "empty.pth"}}, "GPENModelLoader", "empty.pth is empty"),
     ({"2": {"model_name": "noise.pth"}}, "GPENModelLoader", "could not be read"),
@@ -191,8 +202,8 @@ def test_failing_prompt_then_good_prompt(served, change, node, expected):
     graph = restore_graph("astronaut.png", model="GPEN-tiny-64.pth")
     for node_id, inputs in change.items():
         graph[node_id]["inputs"].update(inputs)
-    error = error_of(served.run(graph))
-    assert error["node_type"] == node and expected in error["exception_message"]
+    failed, text = failure_of(served, graph)
+    assert failed == node and expected in text
     assert _good_run(served, "recovered", threshold=0.9 - 0.001 * len(expected))["status"][
         "status_str"] == "success"
 
