@@ -89,13 +89,20 @@ def ui(served, manifests, gpen512_file):
     """The served host plus 1024 and 2048 models (random, official layout), the sample video
     (3 frames: CPU time) and a browser page."""
     folder = served.base / "models" / "facerestore_models"
+    added = []
     for size in (1024, 2048):
-        if not (folder / f"GPEN-BFR-{size}.pth").exists():
-            torch.save(random_state_dict(manifests[size], seed=size), folder / f"GPEN-BFR-{size}.pth")
+        path = folder / f"GPEN-BFR-{size}.pth"
+        if not path.exists():
+            torch.save(random_state_dict(manifests[size], seed=size), path)
+            added.append(path)
     write_sample(served.base / "input" / "astronaut.mp4", frames=3)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with browser_page(served.url) as page:
-        yield served, page
+    try:
+        with browser_page(served.url) as page:
+            yield served, page
+    finally:  # the host is shared: later tests (e.g. test_ux) expect only the 512 model there
+        for path in added:
+            path.unlink()
 
 
 def test_the_shipped_workflows():
