@@ -90,6 +90,11 @@ def _forward(model: FullGenerator, x: torch.Tensor) -> torch.Tensor:
 # graphs ("reduce-overhead"), which is why batches are padded to one shape.
 _COMPILED_FORWARD: dict[str, Forward] = {}
 
+# Graphs the shared compiled forward may hold. Dynamo's own limit (8 per function) is reached by
+# an ordinary session (three model sizes, each at a few batch shapes and dtypes), after which it
+# would silently run eager; past this higher one the call fails and the model runs eager, logged.
+GRAPH_LIMIT = 64
+
 
 def _compiled_forward(device_type: str) -> Callable[[FullGenerator, torch.Tensor], torch.Tensor]:
     if device_type not in _COMPILED_FORWARD:
@@ -118,7 +123,9 @@ class CompiledGenerator:
         try:
             if x.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # outputs are copied out before the next call
-            out = _compiled_forward(x.device.type)(model, x)
+            forward = _compiled_forward(x.device.type)  # torch.compile imports torch._dynamo
+            with torch._dynamo.config.patch(recompile_limit=GRAPH_LIMIT, fail_on_recompile_limit_hit=True):
+                out = forward(model, x)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # compiler/toolchain failures come in many types; all mean "use eager"

@@ -69,3 +69,18 @@ def test_compile_failure_falls_back_to_eager_with_a_log_line():
     assert "failed: " in done.stdout and "failed: None" not in done.stdout
     assert "gpen.execution: GPEN: torch.compile failed" in done.stderr
     assert "running the model eager instead" in done.stderr
+
+
+def test_too_many_graphs_fall_back_to_eager_with_a_log_line(monkeypatch, caplog):
+    """Past the graph limit the model runs eager and says so, instead of Dynamo silently
+    dropping to eager at its own limit of 8 (reached by three model sizes at a few shapes)."""
+    monkeypatch.setattr(execution, "GRAPH_LIMIT", 1)
+    model = small_model(seed=2)
+    state = execution.enable_compile(model)
+    shapes = [torch.rand(n, 3, 32, 32).contiguous(memory_format=torch.channels_last) for n in (1, 3)]
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="gpen.execution"):
+        outputs = [state(x) for x in shapes]  # the second shape at the latest exceeds the limit
+        assert state.failed is not None and "RecompileLimit" in state.failed
+        assert "running the model eager instead" in caplog.text
+        for x, out in zip(shapes, outputs):
+            assert (out - model(x)).abs().max().item() < 1e-5
