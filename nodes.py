@@ -29,8 +29,8 @@ from .gpen import image as im
 from .gpen.engine import Frame, FrameEngine, Restorer
 from .gpen.faces import load_detector, retinaface_path
 from .gpen.files import video_frames
-from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, DetectOptions, PasteOptions, RestoreOptions,
-                           parse_indices)
+from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, VIDEO_REDETECT_EVERY, VIDEO_SMOOTHING,
+                           DetectOptions, PasteOptions, RestoreOptions, parse_indices)
 from .gpen.loader import missing_model_message
 from .gpen.parsing import load_parser, parser_path
 from .gpen.video import AudioWaveform, VideoInfo, VideoReader, VideoWriter
@@ -48,8 +48,6 @@ SEARCH_ALIASES = ["gpen", "face restore", "face enhance", "face restoration"]
 # Share of the free memory a batch may plan to use: convolution workspaces and allocator
 # fragmentation come on top of the live tensors the per-face estimate counts.
 MEMORY_HEADROOM = 0.85
-VIDEO_SMOOTHING = 0.5  # video defaults: steady faces, and whole-frame searches every few frames
-VIDEO_REDETECT_EVERY = 5
 
 
 def _schema(**fields) -> io.Schema:

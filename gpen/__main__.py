@@ -25,11 +25,10 @@ from .engine import FrameEngine, load_restorer
 from .faces import DetectorError
 from .files import FileRestorer, Outcome, Task, plan
 from .loader import ModelLoadError, canonicalize, detect_config, load_generator, read_state_dict
-from .options import (BLENDS, DETECTORS, MASKS, ORDERS, DetectOptions, PasteOptions, RestoreOptions,
-                      parse_indices)
+from .options import (BLENDS, DETECTORS, MASKS, ORDERS, VIDEO_REDETECT_EVERY, VIDEO_SMOOTHING, DetectOptions,
+                      PasteOptions, RestoreOptions, parse_indices)
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-VIDEO_REDETECT_EVERY = 5
 
 
 def _new_output(path: str) -> Path:
@@ -53,7 +52,8 @@ def convert(source: str, target: str) -> None:
 
 
 def add_restore_options(parser: argparse.ArgumentParser) -> None:
-    """The flags of every node option (defaults equal the nodes')."""
+    """The flags of every node option (defaults equal the nodes'; the faces options' video
+    defaults are GPEN Restore Video's, as smoothing and re-detection act only across frames)."""
     defaults = DetectOptions(), RestoreOptions(), PasteOptions()
     detect, restore, paste = defaults
     model = parser.add_argument_group("model")
@@ -61,6 +61,9 @@ def add_restore_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                        help="auto: fp16 on a GPU; on the CPU bf16 where it has native bf16, else fp32")
     model.add_argument("--device", help="default: cuda when there is a GPU (--ray: on GPU workers), else cpu")
+    model.add_argument("--compile", action="store_true",
+                       help="run the generator through torch.compile (Load GPEN Model's compile): faster "
+                            "per face, the first batch of each size waits for the compiler")
     model.add_argument("--weights-dir", action="append", default=[],
                        help="folder with facexlib weights (RetinaFace detectors, parsing masks); repeatable")
     faces = parser.add_argument_group("faces (Detect Faces)")
@@ -70,7 +73,7 @@ def add_restore_options(parser: argparse.ArgumentParser) -> None:
     faces.add_argument("--order", default=detect.order, choices=ORDERS)
     faces.add_argument("--min-size", type=float, default=detect.min_size, help="pixels, shorter box side")
     faces.add_argument("--indices", default="", help="only these faces by position in the order, e.g. 0,2")
-    faces.add_argument("--smoothing", type=float, default=detect.smoothing, help="video: 0 = off, 0.9 = strong")
+    faces.add_argument("--smoothing", type=float, default=VIDEO_SMOOTHING, help="video: 0 = off, 0.9 = strong")
     faces.add_argument("--redetect-every", type=int, default=VIDEO_REDETECT_EVERY,
                        help="video: search whole frames every N frames, follow the faces found in between")
     gen = parser.add_argument_group("restoration (GPEN Restore 2048)")
@@ -124,7 +127,7 @@ def restore(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = PRECISIONS.get(args.precision) or execution.default_dtype(device)
     restorer = load_restorer(args.model, device, dtype, args.detector, tuple(args.weights_dir), args.mask,
-                             args.upscale_model)
+                             args.upscale_model, compile=args.compile)
     print(f"{len(tasks)} file(s), GPEN-{restorer.model.size} on {device} ({str(dtype).removeprefix('torch.')})")
     start = time.perf_counter()
     outcomes = run_tasks(tasks, FileRestorer(FrameEngine(restorer, *options)))
@@ -146,7 +149,8 @@ def restore_on_cluster(args: argparse.Namespace, tasks: list[Task], problems: li
     detect_config(canonicalize(read_state_dict(args.model), Path(args.model).name), Path(args.model).name)
     job = cluster.Job(str(Path(args.model).absolute()), *options, device=args.device,
                       dtype=PRECISIONS.get(args.precision), weights_dirs=tuple(args.weights_dir),
-                      upscale_model=args.upscale_model and str(Path(args.upscale_model).absolute()))
+                      upscale_model=args.upscale_model and str(Path(args.upscale_model).absolute()),
+                      compile=args.compile)
     started_here = cluster.connect(args.ray)
     try:
         size, resources = cluster.pool_size(args.workers, args.worker_cpus)

@@ -67,12 +67,13 @@ class Job:
     dtype: torch.dtype | None = None  # None: the device's "auto" precision (execution.default_dtype)
     weights_dirs: tuple[str, ...] = ()
     upscale_model: str | None = None
+    compile: bool = False  # the generator through torch.compile, once per worker
 
     def engine(self, gpu: bool) -> FrameEngine:
         device = torch.device(self.device or ("cuda" if gpu else "cpu"))
         dtype = self.dtype or default_dtype(device)
         restorer = load_restorer(self.model, device, dtype, self.detect.detector, self.weights_dirs,
-                                 self.paste.mask, self.upscale_model)
+                                 self.paste.mask, self.upscale_model, self.compile)
         return FrameEngine(restorer, self.detect, self.restore, self.paste)
 
     def fingerprint(self) -> str:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from . import execution
 from . import image as im
 from .faces import Detector, Face
 from .options import DetectOptions, PasteOptions, RestoreOptions
@@ -63,9 +64,10 @@ class Restorer:
 
 def load_restorer(model_path: str | Path, device: torch.device | str, dtype: torch.dtype,
                   detector: str = "mtcnn", weights_dirs: tuple[str, ...] = (), mask: str = "face ellipse",
-                  upscale_model: str | Path | None = None) -> Restorer:
+                  upscale_model: str | Path | None = None, compile: bool = False) -> Restorer:
     """Everything a restore job needs, loaded from files (the command line and cluster workers;
-    ComfyUI hands the nodes its own loaded models instead). Errors say which file and what to do."""
+    ComfyUI hands the nodes its own loaded models instead). Errors say which file and what to do.
+    ``compile`` runs the generator through torch.compile (``execution.enable_compile``)."""
     from .faces import load_detector
     from .loader import load_generator
     from .options import PasteOptions
@@ -73,6 +75,8 @@ def load_restorer(model_path: str | Path, device: torch.device | str, dtype: tor
 
     device = torch.device(device)
     model = load_generator(model_path, device=device, dtype=dtype).to_channels_last()
+    if compile:
+        execution.enable_compile(model)
     parser_name = PasteOptions(mask=mask).parser
     parser = load_parser(parser_name, weights_dirs, str(device)) if parser_name else None
     upscaler = model_upscaler(upscale_model, device) if upscale_model else enlarge

@@ -38,6 +38,12 @@ def parse_indices(text: str) -> tuple[int, ...]:
         raise ValueError(f"Face indices must be comma-separated numbers such as '0,2'; got '{text}'.") from None
 
 
+# Video defaults (GPEN Restore Video, the command line's videos): steady faces, and whole-frame
+# searches every few frames with the faces found followed in between.
+VIDEO_SMOOTHING = 0.5
+VIDEO_REDETECT_EVERY = 5
+
+
 @dataclass(frozen=True)
 class DetectOptions:
     """Which faces to find and keep in each frame, and how to follow them over time."""

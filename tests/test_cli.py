@@ -167,3 +167,28 @@ def test_restore_videos_in_a_folder_keeps_timing_audio_and_faceless_frames(tmp_p
         for x, y in zip(a.frames(), b.frames()):
             changed.append(np.abs(x.rgb.astype(int) - y.rgb.astype(int)).max())
     assert min(changed) > 40  # the random-weight restorer visibly changed every frame's faces
+
+
+def test_every_option_has_a_flag(tmp_path):
+    """Each field of the options the nodes share (detect, restore, paste), and each model choice
+    of Load GPEN Model, has a flag; the faces flags default to GPEN Restore Video's values."""
+    import argparse
+    import dataclasses
+
+    from gpen import execution
+    from gpen.__main__ import add_restore_options
+    from gpen.engine import load_restorer
+    from gpen.options import VIDEO_REDETECT_EVERY, VIDEO_SMOOTHING, DetectOptions, PasteOptions, RestoreOptions
+
+    parser = argparse.ArgumentParser()
+    add_restore_options(parser)
+    defaults = {action.dest: action.default for action in parser._actions}
+    flag_of = {"colour": "color_correction"}
+    for options in (DetectOptions, RestoreOptions, PasteOptions):
+        for field in dataclasses.fields(options):
+            assert flag_of.get(field.name, field.name) in defaults, f"no flag for {options.__name__}.{field.name}"
+    assert {"precision", "compile", "upscale_model"} <= set(defaults)
+    assert defaults["smoothing"] == VIDEO_SMOOTHING and defaults["redetect_every"] == VIDEO_REDETECT_EVERY
+    tiny_checkpoint(tmp_path / "tiny.pth")
+    assert execution.is_compiled(load_restorer(tmp_path / "tiny.pth", "cpu", torch.float32, compile=True).model)
+    assert not execution.is_compiled(load_restorer(tmp_path / "tiny.pth", "cpu", torch.float32).model)
