@@ -87,6 +87,6 @@ def video(faces_per_frame: Sequence[int], found: Sequence[int | None], indices: 
     frames = len(faces_per_frame)
     empty = [i for i, count in enumerate(faces_per_frame) if count == 0]
     text = (f"{_plural(frames, 'frame')}: restored {_plural(sum(faces_per_frame), 'face')} in "
-            f"{frames - len(empty)} frames")
+            f"{_plural(frames - len(empty), 'frame')}")
     text += f"; {_frames(empty)} had no face and passed through unchanged." if empty else "."
     return text + _unmatched_sentence(found, indices)

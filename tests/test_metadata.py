@@ -32,3 +32,14 @@ def test_model_list_matches_the_code():
         assert by_file[filename]["save_path"] == "facedetection"
     for filename, url in PARSERS.values():
         assert by_file[filename]["url"] == url + filename
+
+
+def test_compare_pastes_every_model_at_its_detail():
+    """compare pastes at upscale 2, so 1024 and 2048 faces are not shrunk to the photo's pixels
+    (at upscale 1 they would look like the 512 one)."""
+    workflow = json.loads((REPO / "workflows" / "compare_gpen_512_1024_2048.json").read_text())
+    pastes = [node for node in workflow["nodes"] if node["type"] == "GPENPasteBack"]
+    assert len(pastes) == 3
+    for node in pastes:
+        widgets = [i["name"] for i in node["inputs"] if i.get("widget")]
+        assert node["widgets_values"][widgets.index("upscale")] >= 2
