@@ -104,8 +104,9 @@ def find_weights(filename: str, url: str, model_dirs: Sequence[str | Path], what
         if candidate.is_file():
             return candidate
     where = ", ".join(str(d) for d in model_dirs) or "models/facedetection"
-    raise DetectorError(f"{what} {filename} not found in {where}. Download {url}{filename} into that "
-                        f"folder, or {instead}, which needs no download.")
+    raise DetectorError(f"{what} {filename} not found in {where} (never downloaded, or moved or deleted "
+                        f"since). Download {url}{filename} into that folder, or put it back there, or "
+                        f"{instead}, which needs no download.")
 
 
 def load_facexlib_net(build: Callable[[], torch.nn.Module], weights: Path, url: str, what: str,
