@@ -54,8 +54,13 @@ if ! "$py" -c "import torchaudio" 2>/dev/null; then
 from importlib.metadata import version
 major, minor = (int(part) for part in version('torch').split('.')[:2])
 print(f'torchaudio=={major}.{minor}.*' if (major, minor) < (2, 11) else f'torchaudio>=2.11,<{major}.{minor + 1}')")"
-    if pip "$audio_spec" >/dev/null &&
-       "$py" -c "import torch, torchaudio; torchaudio.functional.resample(torch.zeros(1, 441), 441, 480)" 2>/dev/null; then
+    audio_works() { "$py" -c "import torch, torchaudio; torchaudio.functional.resample(torch.zeros(1, 441), 441, 480)" 2>/dev/null; }
+    # A torch with a local tag (2.x+cpu, 2.x+cu126) came from PyTorch's own index for that build,
+    # which has the matching torchaudio; PyPI's Linux torchaudio is built for CUDA 13 only.
+    local_tag="${torch_version#*+}"; [ "$local_tag" = "$torch_version" ] && local_tag=""
+    if { pip "$audio_spec" >/dev/null && audio_works; } ||
+       { [ -n "$local_tag" ] && quiet "$py" -m pip uninstall -y -q torchaudio >/dev/null;
+         pip --index-url "https://download.pytorch.org/whl/$local_tag" "$audio_spec" >/dev/null && audio_works; }; then
       echo "Installed $("$py" -c "import torchaudio; print('torchaudio', torchaudio.__version__)") for torch $torch_version."
     else
       quiet "$py" -m pip uninstall -y -q torchaudio >/dev/null || true
@@ -115,7 +120,7 @@ if [ ! -e "$base/input/astronaut.png" ]; then
     "$base/input/astronaut.png" 2>/dev/null ||
     echo "Note: no scikit-image here for the sample portrait: pick your own picture in Load Image." >&2
 fi
-# ... and restore_video on a two-second zoom into it, written by the pack's own video writer.
+# ... and restore_faces_in_a_video on a one-second zoom into it, written by the pack's own video writer.
 if [ ! -e "$base/input/astronaut.mp4" ]; then
   "$py" "$pack/scripts/sample_video.py" "$base/input/astronaut.mp4" >/dev/null 2>&1 ||
     echo "Note: could not write the sample video: pick your own video in Load Video." >&2
