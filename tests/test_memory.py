@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import COMFY_DIR, REFERENCE, REPO
 from gpen import FullGenerator, GPENConfig, load_generator
 from gpen.arch import peak_activation_bytes
-from gpen.bench import PeakLiveBytes, measured_peak_bytes
+from gpen.bench import PeakLiveBytes, measured_peak_bytes, memory as bench_memory
 
 GIB = 2**30
 
@@ -100,6 +100,15 @@ def test_memory_estimate_matches_the_measured_peak(config, dtype):
         measured = measured_peak_bytes(model, x.contiguous(memory_format=torch.channels_last))
         ratio = peak_activation_bytes(config, dtype, batch) / measured
         assert 1.0 <= ratio <= 1.3, f"batch {batch}: estimate / measured = {ratio:.3f}"
+
+
+def test_memory_estimate_matches_the_released_sizes_on_meta():
+    """The released sizes (512/1024/2048) in every dtype, as ``python -m gpen.bench --memory
+    --device meta`` measures them: allocations only, so 2048 in fp32 takes seconds."""
+    rows = bench_memory([512, 1024, 2048], torch.device("meta"), ["fp32", "fp16", "bf16"])
+    assert len(rows) == 9
+    for row in rows:
+        assert 1.0 <= row["ratio"] <= 1.3, row
 
 
 def test_in_place_inference_cuts_the_peak_with_identical_output():
