@@ -3,6 +3,7 @@ as a single process, long videos cut into segments and joined without a seam, a 
 worker resumed, one worker per GPU, and what a second worker adds."""
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -244,15 +245,28 @@ def ray_command(model: Path, archive: Path, output: Path) -> list[str]:
             "--segment-frames", str(SEGMENT_FRAMES), "--ray"]
 
 
-def kill_driver_and_its_cluster(driver: subprocess.Popen) -> None:
+def processes_of_cluster(ray_dir: str) -> list[psutil.Process]:
+    """Processes of the local cluster whose files are under ``ray_dir`` (each names its session
+    folder there), wherever they were re-parented after their driver died."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and any(ray_dir in arg for arg in process.cmdline()):
+                found.append(process)
+    return found
+
+
+def kill_driver_and_its_cluster(driver: subprocess.Popen, ray_dir: str) -> None:
     """SIGKILL a driver that started a local cluster, then the processes it started (gcs_server,
-    raylet, the dashboard and runtime-env agents, workers), which outlive it, by pid."""
+    raylet, the dashboard and runtime-env agents, workers), which outlive it, by pid: those
+    below it, and any that name the cluster's folder (ray::DashboardAgent, ray::RuntimeEnvAgent)."""
     started = psutil.Process(driver.pid).children(recursive=True)
     driver.kill()
     driver.wait()
     for process in list(started):
         with contextlib.suppress(psutil.NoSuchProcess):
             started += [child for child in process.children(recursive=True) if child not in started]
+    started += [process for process in processes_of_cluster(ray_dir) if process not in started]
     for process in started:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
@@ -273,7 +287,7 @@ def assert_complete(output: Path, archive: Path, names: list[str]) -> None:
 def test_a_killed_job_leaves_complete_outputs_and_a_rerun_finishes_it(archive, tiny, tmp_path):
     out = tmp_path / "out"
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {**__import__("os").environ, "RAY_TMPDIR": ray_dir}
+    env = {**os.environ, "RAY_TMPDIR": ray_dir}
     try:
         job = subprocess.Popen(ray_command(tiny, archive, out), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -284,7 +298,7 @@ def test_a_killed_job_leaves_complete_outputs_and_a_rerun_finishes_it(archive, t
             segments = [p for p in out.rglob("*.mp4") if ".segments" in str(p) and ".partial" not in p.name]
             time.sleep(0.05)
         assert finished and segments, "the job ended before it had both finished outputs and segments"
-        kill_driver_and_its_cluster(job)
+        kill_driver_and_its_cluster(job, ray_dir)
         finished = [name for name in IMAGES + VIDEOS if (out / name).exists()]
         print(f"killed after {len(finished)} output(s) and {len(segments)}+ segment(s) of unfinished videos")
         assert len(finished) < len(IMAGES + VIDEOS)
@@ -292,6 +306,11 @@ def test_a_killed_job_leaves_complete_outputs_and_a_rerun_finishes_it(archive, t
         result = subprocess.run(ray_command(tiny, archive, out), cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=600)
     finally:
+        leftovers = processes_of_cluster(ray_dir)  # e.g. when the rerun failed or timed out
+        for process in leftovers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(leftovers, timeout=30)
         shutil.rmtree(ray_dir, ignore_errors=True)
     print(result.stdout)
     assert result.returncode == 1  # the two bad inputs
