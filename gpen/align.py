@@ -82,9 +82,11 @@ def scaled(affine: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(affine, np.float64) * factor
 
 
-def preimage(affine: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Corners (4x2) of the source region a ``width`` x ``height`` destination comes from."""
-    corners = np.array([[-0.5, -0.5], [width - 0.5, -0.5], [-0.5, height - 0.5], [width - 0.5, height - 0.5]])
+def preimage(affine: np.ndarray, width: int, height: int, x0: int = 0, y0: int = 0) -> np.ndarray:
+    """Corners (4x2) of the source region that destination pixels ``x0..width-1`` x
+    ``y0..height-1`` (a whole ``width`` x ``height`` destination by default) come from."""
+    corners = np.array([[x0 - 0.5, y0 - 0.5], [width - 0.5, y0 - 0.5], [x0 - 0.5, height - 0.5],
+                        [width - 0.5, height - 0.5]])
     inverse = invert_affine(affine)
     return corners @ inverse[:, :2].T + inverse[:, 2]
 

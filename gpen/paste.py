@@ -26,6 +26,7 @@ from .align import (Region, affine_scale, bounding_region, invert_affine, preima
 MASK_CENTER_512 = (256.0, 290.0)
 MASK_AXES_512 = (172.0, 212.0)
 MAX_LEVELS = 5
+SUPPORT_PAD = 2  # crop pixels around the mask's support that a bicubic warp back still reads
 RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
@@ -137,10 +138,8 @@ def place_face(background: torch.Tensor, restored: torch.Tensor, original: torch
     """
     height, width = background.shape[1:]
     size = restored.shape[-1]
-    region = bounding_region(preimage(affine, size, size), width, height, margin=1)
-    if region is None:
+    if bounding_region(preimage(affine, size, size), width, height) is None:
         return None
-    x0, y0, x1, y1 = region
     scale = affine_scale(affine)
     if scale > 1.0:  # reduce to the footprint: about one crop pixel per background pixel
         small = max(1, round(size / scale))
@@ -153,6 +152,19 @@ def place_face(background: torch.Tensor, restored: torch.Tensor, original: torch
         mask = resize(parsed[None], size, size)[0].clamp_(0.0, 1.0)
     if colour:
         restored = match_colour(restored, original, mask)
+    # Work only where the mask is not zero (the face ellipse covers about half of its crop):
+    # elsewhere the face's weight is zero and the frame keeps its pixels anyway.
+    rows = torch.nonzero(mask.amax(dim=1) > 0).flatten()
+    cols = torch.nonzero(mask.amax(dim=0) > 0).flatten()
+    if rows.numel() == 0:
+        return None
+    (top, bottom), (left, right) = rows[[0, -1]].tolist(), cols[[0, -1]].tolist()
+    support = preimage(affine, min(size, right + 1 + SUPPORT_PAD), min(size, bottom + 1 + SUPPORT_PAD),
+                       max(0, left - SUPPORT_PAD), max(0, top - SUPPORT_PAD))
+    region = bounding_region(support, width, height, margin=1)
+    if region is None:
+        return None
+    x0, y0, x1, y1 = region
     back = shifted(invert_affine(affine), -x0, -y0)  # crop pixel -> region pixel
     w, h = x1 - x0, y1 - y0
     weight = warp(mask[None], back, w, h, "bilinear", "zeros")[0].clamp_(0.0, 1.0)
@@ -166,13 +178,33 @@ def place_face(background: torch.Tensor, restored: torch.Tensor, original: torch
 
 def composite(background: torch.Tensor, faces: list[PastedFace], blend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Composite placed faces into ``background`` ``[3,H,W]``, in place; returns it and the
-    coverage mask ``[H,W]``. Work stays in the faces' region; overlapping faces are averaged by
-    weight."""
-    height, width = background.shape[1:]
-    coverage_full = background.new_zeros(height, width)
-    if not faces:
-        return background, coverage_full
+    coverage mask ``[H,W]``. Work stays in the faces' regions: faces whose blends could touch
+    are composited together (overlaps averaged by weight), faces far apart each on their own."""
+    coverage = background.new_zeros(background.shape[1:])
     margin = 2 ** MAX_LEVELS if blend == "multiband" else 0  # room for the pyramid's widest band
+    for group in _groups([face.region for face in faces], margin):
+        _composite_group(background, coverage, [faces[i] for i in group], blend, margin)
+    return background, coverage
+
+
+def _groups(regions: list[Region], margin: int) -> list[list[int]]:
+    """Indices of ``regions`` in groups whose boxes, grown by ``margin``, overlap (transitively)."""
+    groups: list[tuple[list[int], Region]] = []
+    for index, (x0, y0, x1, y1) in enumerate(regions):
+        members, box = [index], (x0 - margin, y0 - margin, x1 + margin, y1 + margin)
+        for other in [g for g in groups if g[1][0] < box[2] and box[0] < g[1][2]
+                      and g[1][1] < box[3] and box[1] < g[1][3]]:
+            groups.remove(other)
+            members += other[0]
+            box = (min(box[0], other[1][0]), min(box[1], other[1][1]), max(box[2], other[1][2]),
+                   max(box[3], other[1][3]))
+        groups.append((members, box))
+    return [sorted(members) for members, _ in groups]
+
+
+def _composite_group(background: torch.Tensor, coverage_full: torch.Tensor, faces: list[PastedFace],
+                     blend: str, margin: int) -> None:
+    height, width = background.shape[1:]
     bx0 = max(0, min(f.region[0] for f in faces) - margin)
     by0 = max(0, min(f.region[1] for f in faces) - margin)
     bx1 = min(width, max(f.region[2] for f in faces) + margin)
@@ -193,4 +225,3 @@ def composite(background: torch.Tensor, faces: list[PastedFace], blend: str) -> 
     if blend == "multiband":
         levels = max(1, min(MAX_LEVELS, int(math.log2(max(min(base.shape[1:]), 1))) - 2))
     background[:, by0:by1, bx0:bx1] = laplacian_blend(base, mixed, coverage, levels)
-    return background, coverage_full

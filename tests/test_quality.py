@@ -170,7 +170,7 @@ def test_square_paste_would_show_a_seam(astro, mtcnn):
     crops, aligned = pipeline.align(astro, faces, 512)
     square = torch.zeros(512, 512)
     square[64:448, 64:448] = 1
-    frame, crop = astro[0].movedim(-1, 0), crops[0].movedim(-1, 0)
+    frame, crop = astro[0].movedim(-1, 0).clone(), crops[0].movedim(-1, 0)  # composite writes into frame
     face = place_face(frame, crop * 1.2, crop, aligned.frames[0][0].affine, False, 0.15, parsed=square)
     out, mask = composite(frame, [face], "alpha")
     edge, inside = boundary_and_interior_gradients(out.movedim(0, -1)[None], mask[None])
@@ -201,7 +201,7 @@ def test_overlapping_faces_are_blended_together(astro, mtcnn):
     affine = aligned.frames[0][0].affine
     shifted = affine.copy()
     shifted[0, 2] += 60  # the second copy sits 60 crop pixels to the left
-    frame, crop = astro[0].movedim(-1, 0), crops[0].movedim(-1, 0)
+    frame, crop = astro[0].movedim(-1, 0).clone(), crops[0].movedim(-1, 0)  # composite writes into frame
     moved = cut_crop(frame, shifted, 512)
     placed = [place_face(frame, crop, crop, affine, False, 0.15),
               place_face(frame, moved * 0.8, moved, shifted, False, 0.15)]
