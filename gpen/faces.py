@@ -27,6 +27,7 @@ DETECT_MAX_SIDE = 1500  # larger frames are shrunk for detection only, as the au
 DETECT_SHRINK_TO = 1000
 DETECT_MIN_SIDE = 20  # MTCNN finds nothing smaller (its minimum face size), and crashes on it
 NEAR_FACE_SIZE = 112  # face size for re-detection in a window around a tracked face
+NEAR_MIN_FACE = 0.5  # ... where faces under half the tracked face's size are not looked for
 
 
 class DetectorError(ValueError):
@@ -87,12 +88,14 @@ class Detector:
     """A loaded face detector: ``detect(rgb_uint8)`` -> faces above a low floor score.
 
     ``net`` is its torch module; it runs wherever that module's weights and ``device`` attribute
-    say (both kept in step by whoever moves it, e.g. ComfyUI's ModelPatcher).
+    say (both kept in step by whoever moves it, e.g. ComfyUI's ModelPatcher). ``min_face``
+    (pixels) is a hint that smaller faces need not be found, which a detector may use to do
+    less work.
     """
 
     net: torch.nn.Module
 
-    def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
+    def detect(self, rgb: np.ndarray, threshold: float, min_face: float = 0.0) -> list[Face]:
         raise NotImplementedError
 
 
@@ -143,8 +146,8 @@ class RetinaFaceDetector(Detector):
         del self.net.mean_tensor
         self.net.register_buffer("mean_tensor", mean, persistent=False)
 
-    def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
-        with torch.no_grad():
+    def detect(self, rgb: np.ndarray, threshold: float, min_face: float = 0.0) -> list[Face]:
+        with torch.no_grad():  # one pass at the input's scale: ``min_face`` saves nothing here
             rows = self.net.detect_faces(np.ascontiguousarray(rgb[..., ::-1]), conf_threshold=threshold)
         return [Face(box=tuple(float(v) for v in r[:4]), score=float(r[4]),
                      landmarks=np.asarray(r[5:15], np.float64).reshape(5, 2)) for r in rows]
@@ -158,17 +161,21 @@ class MTCNNDetector(Detector):
 
         self.net = MTCNN(keep_all=True, device=device, post_process=False)
 
-    def detect(self, rgb: np.ndarray, threshold: float) -> list[Face]:
+    def detect(self, rgb: np.ndarray, threshold: float, min_face: float = 0.0) -> list[Face]:
+        """MTCNN.detect's own cascade, with its image pyramid starting at ``min_face``: each
+        level finds faces from its 12-pixel window up, so levels for faces smaller than asked
+        for are skipped (re-detection near a known face needs few)."""
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        net = self.net
         with torch.no_grad():
-            boxes, probs, points = self.net.detect(rgb, landmarks=True)
-        if boxes is None:
-            return []
-        # facenet-pytorch hands back object arrays; go through lists for numpy 2.
-        boxes = np.asarray(boxes.tolist(), float)
-        probs = np.asarray(probs.tolist(), float)
-        points = np.asarray(points.tolist(), float)
-        return [Face(box=tuple(b), score=float(p), landmarks=pts)
-                for b, p, pts in zip(boxes, probs, points) if p >= threshold]
+            [boxes], [points] = detect_face(rgb[None], max(net.min_face_size, min_face), net.pnet, net.rnet,
+                                            net.onet, net.thresholds, net.factor, net.device)
+        faces = [Face(box=tuple(float(v) for v in box[:4]), score=float(box[4]),
+                      landmarks=np.asarray(pts, np.float64).reshape(5, 2))
+                 for box, pts in zip(np.asarray(boxes).reshape(-1, 5), np.asarray(points).reshape(-1, 5, 2))
+                 if box[4] >= threshold]
+        return sorted(faces, key=lambda face: -face.area)  # largest first, as MTCNN.detect
 
 
 def retinaface_path(detector: str, model_dirs: Sequence[str | Path]) -> Path:
@@ -204,9 +211,9 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 def _detect_scaled(detector: Detector, rgb: np.ndarray, threshold: float, scale: float,
-                   origin: tuple[float, float] = (0.0, 0.0)) -> list[Face]:
+                   origin: tuple[float, float] = (0.0, 0.0), min_face: float = 0.0) -> list[Face]:
     """Detect on ``rgb`` resized by ``scale``; faces in the coordinates of the image ``rgb`` was
-    cut from at ``origin``."""
+    cut from at ``origin``; ``min_face`` in pixels of the resized image."""
     height, width = rgb.shape[:2]
     if scale != 1.0:
         rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
@@ -217,7 +224,7 @@ def _detect_scaled(detector: Detector, rgb: np.ndarray, threshold: float, scale:
     return [replace(f, box=(f.box[0] / scale + shift[0], f.box[1] / scale + shift[1],
                             f.box[2] / scale + shift[0], f.box[3] / scale + shift[1]),
                     landmarks=f.landmarks / scale + shift)
-            for f in detector.detect(np.ascontiguousarray(rgb), threshold)]
+            for f in detector.detect(np.ascontiguousarray(rgb), threshold, min_face)]
 
 
 def detect_frame(detector: Detector, rgb: np.ndarray, threshold: float) -> list[Face]:
@@ -243,7 +250,8 @@ def detect_near(detector: Detector, rgb: np.ndarray, box: tuple[float, ...], thr
     if right - left < DETECT_MIN_SIDE or bottom - top < DETECT_MIN_SIDE:
         return None
     scale = min(1.0, NEAR_FACE_SIZE / max(side, 1.0))
-    found = _detect_scaled(detector, rgb[top:bottom, left:right], threshold, scale, (left, top))
+    found = _detect_scaled(detector, rgb[top:bottom, left:right], threshold, scale, (left, top),
+                           min_face=NEAR_MIN_FACE * side * scale)
     best = max(found, key=lambda f: iou(f.box, box), default=None)
     return best if best is not None and iou(best.box, box) > 0 else None
 
