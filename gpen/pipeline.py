@@ -71,7 +71,7 @@ def align(image: torch.Tensor, faces: FaceSet, size: int,
         frame_crops, frame_affines = align_frame(im.frame_tensor(image, index, device), members, size)
         crops.append(frame_crops.cpu())
         affines += frame_affines
-    batch = im.crops_to_image(torch.cat(crops) if crops else torch.zeros(0, 3, size, size))
+    batch = im.crops_to_image(join(crops) if crops else torch.zeros(0, 3, size, size))
     return batch, faces.with_alignment(affines, size, originals=batch)
 
 
@@ -79,8 +79,13 @@ def align_frame(frame: torch.Tensor, faces: list[Face], size: int) -> tuple[torc
     """The ``size`` crops ``[N,3,S,S]`` of a frame's faces, on the frame's device, and their
     image -> crop affines."""
     affines = [alignment(face.landmarks, size) for face in faces]
-    crops = [cut_crop(frame, affine, size) for affine in affines]
-    return (torch.stack(crops) if crops else frame.new_zeros(0, 3, size, size)), affines
+    crops = [cut_crop(frame, affine, size)[None] for affine in affines]
+    return (join(crops) if crops else frame.new_zeros(0, 3, size, size)), affines
+
+
+def join(batches: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` that hands a single batch back as it is (a 2048 crop is 50 MB to copy)."""
+    return batches[0] if len(batches) == 1 else torch.cat(batches)
 
 
 def activation_bytes(config: GPENConfig, dtype: torch.dtype) -> int:
