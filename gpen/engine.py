@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ import torch
 
 from . import execution
 from . import image as im
-from .faces import Detector, Face
+from .faces import DETECT_BATCH, Detector, Face
 from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
 from .pipeline import Upscaler, align_frame, enlarge, paste_frame, restore_crops
@@ -148,17 +149,19 @@ class FrameEngine:
                 release_freed_memory()
 
     def _detect(self, frames: Iterable[Frame], finder: FaceFinder) -> Iterator[Frame]:
+        """Decode and detect a few frames at a time, so whole-frame searches run in batches."""
         source = iter(frames)
         while True:
             start = time.perf_counter()
-            frame = next(source, None)
+            chunk = list(itertools.islice(source, DETECT_BATCH))
             self.timings["decode"] += time.perf_counter() - start
-            if frame is None:
+            if not chunk:
                 return
             start = time.perf_counter()
-            frame.faces = finder(frame.rgb)
+            for frame, faces in zip(chunk, finder.frames([frame.rgb for frame in chunk])):
+                frame.faces = faces
             self.timings["detect"] += time.perf_counter() - start
-            yield frame
+            yield from chunk
 
     def _restore(self, frames: Iterable[Frame]) -> Iterator[_Work]:
         """Align each frame's faces on the device and restore them in batches that span frames."""

@@ -28,6 +28,7 @@ DETECT_SHRINK_TO = 1000
 DETECT_MIN_SIDE = 20  # MTCNN finds nothing smaller (its minimum face size), and crashes on it
 NEAR_FACE_SIZE = 112  # face size for re-detection in a window around a tracked face
 NEAR_MIN_FACE = 0.5  # ... where faces under half the tracked face's size are not looked for
+DETECT_BATCH = 8  # consecutive frames whose whole-frame searches run as one batch
 
 
 class DetectorError(ValueError):
@@ -98,6 +99,11 @@ class Detector:
     def detect(self, rgb: np.ndarray, threshold: float, min_face: float = 0.0) -> list[Face]:
         raise NotImplementedError
 
+    def detect_batch(self, rgbs: Sequence[np.ndarray], threshold: float, min_face: float = 0.0) -> list[list[Face]]:
+        """The faces of several pictures; a detector that runs pictures of one size in a single
+        pass (far fewer, larger kernel calls) does so here."""
+        return [self.detect(rgb, threshold, min_face) for rgb in rgbs]
+
 
 def find_weights(filename: str, url: str, model_dirs: Sequence[str | Path], what: str,
                  instead: str) -> Path:
@@ -162,20 +168,29 @@ class MTCNNDetector(Detector):
         self.net = MTCNN(keep_all=True, device=device, post_process=False)
 
     def detect(self, rgb: np.ndarray, threshold: float, min_face: float = 0.0) -> list[Face]:
-        """MTCNN.detect's own cascade, with its image pyramid starting at ``min_face``: each
-        level finds faces from its 12-pixel window up, so levels for faces smaller than asked
-        for are skipped (re-detection near a known face needs few)."""
+        return self.detect_batch([rgb], threshold, min_face)[0]
+
+    def detect_batch(self, rgbs: Sequence[np.ndarray], threshold: float, min_face: float = 0.0) -> list[list[Face]]:
+        """MTCNN.detect's own cascade over a batch of pictures of one size (each pyramid level
+        of all of them in one pass), its image pyramid starting at ``min_face``: each level
+        finds faces from its 12-pixel window up, so levels for faces smaller than asked for are
+        skipped (re-detection near a known face needs few)."""
         from facenet_pytorch.models.utils.detect_face import detect_face
 
+        if len({rgb.shape for rgb in rgbs}) != 1:
+            return super().detect_batch(rgbs, threshold, min_face)
         net = self.net
         with torch.no_grad():
-            [boxes], [points] = detect_face(rgb[None], max(net.min_face_size, min_face), net.pnet, net.rnet,
-                                            net.onet, net.thresholds, net.factor, net.device)
-        faces = [Face(box=tuple(float(v) for v in box[:4]), score=float(box[4]),
-                      landmarks=np.asarray(pts, np.float64).reshape(5, 2))
-                 for box, pts in zip(np.asarray(boxes).reshape(-1, 5), np.asarray(points).reshape(-1, 5, 2))
-                 if box[4] >= threshold]
-        return sorted(faces, key=lambda face: -face.area)  # largest first, as MTCNN.detect
+            all_boxes, all_points = detect_face(np.stack(rgbs), max(net.min_face_size, min_face), net.pnet,
+                                                net.rnet, net.onet, net.thresholds, net.factor, net.device)
+        found = []
+        for boxes, points in zip(all_boxes, all_points):
+            faces = [Face(box=tuple(float(v) for v in box[:4]), score=float(box[4]),
+                          landmarks=np.asarray(pts, np.float64).reshape(5, 2))
+                     for box, pts in zip(np.asarray(boxes).reshape(-1, 5), np.asarray(points).reshape(-1, 5, 2))
+                     if box[4] >= threshold]
+            found.append(sorted(faces, key=lambda face: -face.area))  # largest first, as MTCNN.detect
+        return found
 
 
 def retinaface_path(detector: str, model_dirs: Sequence[str | Path]) -> Path:
@@ -210,30 +225,39 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _detect_scaled(detector: Detector, rgb: np.ndarray, threshold: float, scale: float,
-                   origin: tuple[float, float] = (0.0, 0.0), min_face: float = 0.0) -> list[Face]:
-    """Detect on ``rgb`` resized by ``scale``; faces in the coordinates of the image ``rgb`` was
-    cut from at ``origin``; ``min_face`` in pixels of the resized image."""
-    height, width = rgb.shape[:2]
+def _detect_scaled(detector: Detector, rgbs: list[np.ndarray], threshold: float, scale: float,
+                   origin: tuple[float, float] = (0.0, 0.0), min_face: float = 0.0) -> list[list[Face]]:
+    """Detect on each of ``rgbs`` (one size) resized by ``scale``, in one batch; faces in the
+    coordinates of the image they were cut from at ``origin``; ``min_face`` in pixels of the
+    resized images."""
+    height, width = rgbs[0].shape[:2]
     if scale != 1.0:
-        rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                         interpolation=cv2.INTER_AREA)
-    if min(rgb.shape[:2]) < DETECT_MIN_SIDE:
-        return []
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        rgbs = [cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) for rgb in rgbs]
+    if min(rgbs[0].shape[:2]) < DETECT_MIN_SIDE:
+        return [[] for _ in rgbs]
     shift = np.asarray(origin)
-    return [replace(f, box=(f.box[0] / scale + shift[0], f.box[1] / scale + shift[1],
-                            f.box[2] / scale + shift[0], f.box[3] / scale + shift[1]),
-                    landmarks=f.landmarks / scale + shift)
-            for f in detector.detect(np.ascontiguousarray(rgb), threshold, min_face)]
+    found = detector.detect_batch([np.ascontiguousarray(rgb) for rgb in rgbs], threshold, min_face)
+    return [[replace(f, box=(f.box[0] / scale + shift[0], f.box[1] / scale + shift[1],
+                             f.box[2] / scale + shift[0], f.box[3] / scale + shift[1]),
+                     landmarks=f.landmarks / scale + shift) for f in faces]
+            for faces in found]
 
 
-def detect_frame(detector: Detector, rgb: np.ndarray, threshold: float) -> list[Face]:
-    """Detect on one uint8 RGB frame, shrinking very large frames for detection only."""
-    height, width = rgb.shape[:2]
-    if min(height, width) < DETECT_MIN_SIDE:
-        return []
-    scale = DETECT_SHRINK_TO / max(height, width) if max(height, width) > DETECT_MAX_SIDE else 1.0
-    return _detect_scaled(detector, rgb, threshold, scale)
+def detect_frames(detector: Detector, rgbs: Sequence[np.ndarray], threshold: float) -> list[list[Face]]:
+    """Detect on uint8 RGB frames, those of one size in one batch, shrinking very large frames
+    for detection only."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, rgb in enumerate(rgbs):
+        by_shape.setdefault(rgb.shape, []).append(index)
+    found: list[list[Face]] = [[] for _ in rgbs]
+    for (height, width, *_), indices in by_shape.items():
+        if min(height, width) < DETECT_MIN_SIDE:
+            continue
+        scale = DETECT_SHRINK_TO / max(height, width) if max(height, width) > DETECT_MAX_SIDE else 1.0
+        for index, faces in zip(indices, _detect_scaled(detector, [rgbs[i] for i in indices], threshold, scale)):
+            found[index] = faces
+    return found
 
 
 def detect_near(detector: Detector, rgb: np.ndarray, box: tuple[float, ...], threshold: float) -> Face | None:
@@ -250,8 +274,8 @@ def detect_near(detector: Detector, rgb: np.ndarray, box: tuple[float, ...], thr
     if right - left < DETECT_MIN_SIDE or bottom - top < DETECT_MIN_SIDE:
         return None
     scale = min(1.0, NEAR_FACE_SIZE / max(side, 1.0))
-    found = _detect_scaled(detector, rgb[top:bottom, left:right], threshold, scale, (left, top),
-                           min_face=NEAR_MIN_FACE * side * scale)
+    [found] = _detect_scaled(detector, [rgb[top:bottom, left:right]], threshold, scale, (left, top),
+                             min_face=NEAR_MIN_FACE * side * scale)
     best = max(found, key=lambda f: iou(f.box, box), default=None)
     return best if best is not None and iou(best.box, box) > 0 else None
 

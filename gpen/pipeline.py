@@ -18,7 +18,7 @@ from . import execution
 from . import image as im
 from .align import affine_scale, alignment, cut_crop, resize
 from .arch import FullGenerator, GPENConfig, peak_activation_bytes
-from .faces import Detector, Face, FaceSet
+from .faces import DETECT_BATCH, Detector, Face, FaceSet
 from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
 from .paste import composite, place_face
@@ -37,11 +37,12 @@ def detect(image: torch.Tensor, detector: Detector, options: DetectOptions = Det
     across frames, and smooth their landmarks over time by ``options.smoothing`` (0..1)."""
     im.check_image(image)
     finder = FaceFinder(detector, options)
-    frames = []
-    for index in range(image.shape[0]):
-        frames.append(finder(im.frame_uint8(image, index)))
+    frames: list[list[Face]] = []
+    for start in range(0, image.shape[0], DETECT_BATCH):
+        stop = min(start + DETECT_BATCH, image.shape[0])
+        frames += finder.frames([im.frame_uint8(image, index) for index in range(start, stop)])
         if on_frame:
-            on_frame(index + 1, image.shape[0])
+            on_frame(stop, image.shape[0])
     return FaceSet(image_size=(image.shape[1], image.shape[2]), frames=frames, detector=options.detector,
                    found=tuple(finder.found))
 

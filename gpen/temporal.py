@@ -9,11 +9,12 @@ with the speed of the signal.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 
-from .faces import Detector, Face, detect_frame, detect_near, iou, large_enough, select_faces
+from .faces import Detector, Face, detect_frames, detect_near, iou, large_enough, select_faces
 from .options import DetectOptions
 
 MIN_IOU = 0.3  # boxes overlapping less than this in consecutive frames are different faces
@@ -158,11 +159,16 @@ class FaceFinder:
         # Per frame: faces the whole-frame search found (before selection), None if followed.
         self.found: list[int | None] = []
 
-    def __call__(self, rgb: np.ndarray) -> list[Face]:
-        """Faces of the next frame (uint8 HxWx3 RGB), with track ids and smoothed landmarks."""
+    def due(self, ahead: int = 0) -> bool:
+        """Whether the frame ``ahead`` frames after the next one is searched whole."""
+        return (self.frames_seen + ahead) % self.options.redetect_every == 0
+
+    def __call__(self, rgb: np.ndarray, whole: list[Face] | None = None) -> list[Face]:
+        """Faces of the next frame (uint8 HxWx3 RGB), with track ids and smoothed landmarks;
+        ``whole``: its whole-frame search, when the caller has run it already (``frames``)."""
         threshold = self.options.threshold
-        if self.frames_seen % self.options.redetect_every == 0:
-            found = detect_frame(self.detector, rgb, threshold)
+        if self.due():
+            found = whole if whole is not None else detect_frames(self.detector, [rgb], threshold)[0]
             self.found.append(len(large_enough(found, self.options.min_size)))
             faces = select_faces(found, self.options)
         else:
@@ -171,3 +177,10 @@ class FaceFinder:
             self.found.append(None)
         self.frames_seen += 1
         return self.smoother(self.tracker(faces))
+
+    def frames(self, rgbs: Sequence[np.ndarray]) -> list[list[Face]]:
+        """Faces of the next frames (one size), the whole-frame searches among them run as one
+        batch where the detector allows it; the rest as ``__call__``, frame by frame."""
+        due = [i for i in range(len(rgbs)) if self.due(i)]
+        whole = dict(zip(due, detect_frames(self.detector, [rgbs[i] for i in due], self.options.threshold)))
+        return [self(rgb, whole.get(i)) for i, rgb in enumerate(rgbs)]

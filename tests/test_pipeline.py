@@ -186,3 +186,23 @@ def test_selection_orders_and_filters():
 def test_faceset_flat_order():
     fs = FaceSet(image_size=(10, 10), frames=[[_face(0, 0, 1)], [], [_face(1, 1, 1), _face(2, 2, 1)]])
     assert [i for i, _ in fs.flat()] == [0, 2, 2] and fs.count == 3
+
+
+def test_whole_frame_searches_run_as_one_batch(astro, mtcnn, monkeypatch):
+    """An IMAGE batch's frames go through the detector a batch at a time (MTCNN runs each pyramid
+    level of all of them in one pass) and find what frame-by-frame detection finds."""
+    frames = torch.cat([astro, astro.flip(2), astro.roll(40, dims=1)])
+    alone = [pipeline.detect(frames[i:i + 1], mtcnn).frames[0] for i in range(3)]
+    calls = []
+    original = type(mtcnn).detect_batch
+
+    def counted(self, rgbs, threshold, min_face=0.0):
+        calls.append(len(rgbs))
+        return original(self, rgbs, threshold, min_face)
+    monkeypatch.setattr(type(mtcnn), "detect_batch", counted)
+    together = pipeline.detect(frames, mtcnn).frames
+    assert calls == [3]
+    for one, batched in zip(alone, together):
+        assert len(one) == len(batched) == 1
+        assert np.abs(np.array(one[0].box) - np.array(batched[0].box)).max() < 1e-2
+        assert np.abs(one[0].landmarks - batched[0].landmarks).max() < 1e-2
