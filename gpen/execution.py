@@ -96,6 +96,15 @@ _COMPILED_FORWARD: dict[str, Forward] = {}
 GRAPH_LIMIT = 64
 
 
+def _graph_limit() -> dict[str, object]:
+    """Dynamo settings for ``GRAPH_LIMIT``, under the names this torch knows (torch 2.7 renamed
+    cache_size_limit / fail_on_cache_limit_hit and keeps the old names as aliases)."""
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):
+        return {"recompile_limit": GRAPH_LIMIT, "fail_on_recompile_limit_hit": True}
+    return {"cache_size_limit": GRAPH_LIMIT, "fail_on_cache_limit_hit": True}
+
+
 def _compiled_forward(device_type: str) -> Callable[[FullGenerator, torch.Tensor], torch.Tensor]:
     if device_type not in _COMPILED_FORWARD:
         mode = "reduce-overhead" if device_type == "cuda" else None
@@ -124,7 +133,7 @@ class CompiledGenerator:
             if x.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # outputs are copied out before the next call
             forward = _compiled_forward(x.device.type)  # torch.compile imports torch._dynamo
-            with torch._dynamo.config.patch(recompile_limit=GRAPH_LIMIT, fail_on_recompile_limit_hit=True):
+            with torch._dynamo.config.patch(**_graph_limit()):
                 out = forward(model, x)
         except torch.OutOfMemoryError:
             raise
