@@ -180,9 +180,11 @@ class MTCNNDetector(Detector):
         if len({rgb.shape for rgb in rgbs}) != 1:
             return super().detect_batch(rgbs, threshold, min_face)
         net = self.net
+        # The pyramid has a level only while its picture is at least the smallest face size.
+        smallest = min(max(net.min_face_size, min_face), min(rgbs[0].shape[:2]))
         with torch.no_grad():
-            all_boxes, all_points = detect_face(np.stack(rgbs), max(net.min_face_size, min_face), net.pnet,
-                                                net.rnet, net.onet, net.thresholds, net.factor, net.device)
+            all_boxes, all_points = detect_face(np.stack(rgbs), smallest, net.pnet, net.rnet, net.onet,
+                                                net.thresholds, net.factor, net.device)
         found = []
         for boxes, points in zip(all_boxes, all_points):
             faces = [Face(box=tuple(float(v) for v in box[:4]), score=float(box[4]),

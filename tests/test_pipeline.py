@@ -206,3 +206,14 @@ def test_whole_frame_searches_run_as_one_batch(astro, mtcnn, monkeypatch):
         assert len(one) == len(batched) == 1
         assert np.abs(np.array(one[0].box) - np.array(batched[0].box)).max() < 1e-2
         assert np.abs(one[0].landmarks - batched[0].landmarks).max() < 1e-2
+
+
+def test_redetection_window_cut_by_the_frame_edge(astro, mtcnn):
+    """A tracked face that has mostly left the frame: its window is narrower than the face sizes
+    re-detection looks for, which must find nothing rather than fail."""
+    from gpen.faces import detect_near
+
+    rgb = (astro[0].numpy() * 255).astype(np.uint8)
+    assert detect_near(mtcnn, rgb, (-250.0, 100.0, -40.0, 310.0), 0.9) is None
+    face = pipeline.detect(astro, mtcnn).frames[0][0]
+    assert detect_near(mtcnn, rgb, face.box, 0.9) is not None
