@@ -159,8 +159,8 @@ def place_face(background: torch.Tensor, restored: torch.Tensor, original: torch
     if rows.numel() == 0:
         return None
     (top, bottom), (left, right) = rows[[0, -1]].tolist(), cols[[0, -1]].tolist()
-    support = preimage(affine, min(size, right + 1 + SUPPORT_PAD), min(size, bottom + 1 + SUPPORT_PAD),
-                       max(0, left - SUPPORT_PAD), max(0, top - SUPPORT_PAD))
+    support = preimage(affine, right + 1 + SUPPORT_PAD, bottom + 1 + SUPPORT_PAD, left - SUPPORT_PAD,
+                       top - SUPPORT_PAD)
     region = bounding_region(support, width, height, margin=1)
     if region is None:
         return None
