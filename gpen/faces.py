@@ -100,7 +100,7 @@ class Detector:
         raise NotImplementedError
 
     def detect_batch(self, rgbs: Sequence[np.ndarray], threshold: float, min_face: float = 0.0) -> list[list[Face]]:
-        """The faces of several pictures; a detector that runs pictures of one size in a single
+        """The faces of several pictures of one size; a detector that can run them in a single
         pass (far fewer, larger kernel calls) does so here."""
         return [self.detect(rgb, threshold, min_face) for rgb in rgbs]
 
@@ -177,8 +177,6 @@ class MTCNNDetector(Detector):
         skipped (re-detection near a known face needs few)."""
         from facenet_pytorch.models.utils.detect_face import detect_face
 
-        if len({rgb.shape for rgb in rgbs}) != 1:
-            return super().detect_batch(rgbs, threshold, min_face)
         net = self.net
         # The pyramid has a level only while its picture is at least the smallest face size.
         smallest = min(max(net.min_face_size, min_face), min(rgbs[0].shape[:2]))
@@ -254,8 +252,6 @@ def detect_frames(detector: Detector, rgbs: Sequence[np.ndarray], threshold: flo
         by_shape.setdefault(rgb.shape, []).append(index)
     found: list[list[Face]] = [[] for _ in rgbs]
     for (height, width, *_), indices in by_shape.items():
-        if min(height, width) < DETECT_MIN_SIDE:
-            continue
         scale = DETECT_SHRINK_TO / max(height, width) if max(height, width) > DETECT_MAX_SIDE else 1.0
         for index, faces in zip(indices, _detect_scaled(detector, [rgbs[i] for i in indices], threshold, scale)):
             found[index] = faces

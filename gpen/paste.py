@@ -138,8 +138,6 @@ def place_face(background: torch.Tensor, restored: torch.Tensor, original: torch
     """
     height, width = background.shape[1:]
     size = restored.shape[-1]
-    if bounding_region(preimage(affine, size, size), width, height) is None:
-        return None
     scale = affine_scale(affine)
     if scale > 1.0:  # reduce to the footprint: about one crop pixel per background pixel
         small = max(1, round(size / scale))
