@@ -7,14 +7,11 @@ their exact facexlib file names. A missing file is a clear error, never a downlo
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from kornia.filters import gaussian_blur2d
-
-from .align import resize
+from .align import gaussian_blur, resize
 from .faces import DetectorError, find_weights, load_facexlib_net
 
 PARSERS = {
@@ -64,10 +61,7 @@ class FaceParser:
         """Soft face mask at ``PARSE_SIZE`` on the crop's device: face classes, feathered by
         ``feather`` of the crop, faded out towards the crop's edges (no square seams)."""
         face = ~torch.isin(self.labels(crop), torch.tensor(NOT_FACE, device=self.device))
-        sigma = max(feather * PARSE_SIZE / 4, 0.5)
-        radius = math.ceil(3 * sigma)
-        soft = gaussian_blur2d(face.float()[None, None], (2 * radius + 1,) * 2, (sigma, sigma),
-                               border_type="replicate")[0, 0]
+        soft = gaussian_blur(face.float(), max(feather * PARSE_SIZE / 4, 0.5))
         return (soft * border_fade(PARSE_SIZE, feather, self.device)).clamp_(0.0, 1.0).to(crop.device)
 
 
