@@ -1,6 +1,7 @@
 """Video files in and out one frame at a time, with PyAV (FFmpeg), so a clip never has to fit in
 memory: ``VideoReader`` decodes lazily to upright RGB frames, ``VideoWriter`` encodes them as they
-come and copies the source's audio packets unchanged.
+come and copies the source's audio packets unchanged; a ``Span`` of a video (ComfyUI's Trim
+Video) is read and written as a video of its own, sound included.
 
 Facts this module is built on (PyAV 17.1+; measured with PyAV 18.1, FFmpeg 8):
 
@@ -21,7 +22,7 @@ import io
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -104,6 +105,34 @@ class VideoInfo:
 
 
 @dataclass(frozen=True)
+class Span:
+    """A stretch of a video, as ComfyUI's Trim Video gives it: ``start`` seconds into the video
+    (negative: counted back from its end) for ``duration`` seconds (0: to the end). Frames whose
+    pts is at or after the start and before the end are in it, as in ComfyUI's own decode."""
+
+    start: float = 0.0
+    duration: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.duration < 0:
+            raise ValueError(f"A trim duration cannot be negative; got {self.duration:g} s.")
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.duration == 0
+
+
+@dataclass(frozen=True)
+class AudioSpan:
+    """The audio of ``source`` from ``start`` to ``end`` seconds (None: to its end), moved so
+    that ``start`` plays at 0: the sound of a trimmed video."""
+
+    source: Source
+    start: float = 0.0
+    end: float | None = None
+
+
+@dataclass(frozen=True)
 class DecodedFrame:
     """One upright RGB frame with its place in time."""
 
@@ -147,15 +176,47 @@ class VideoReader:
     logged as a warning when the container's stated length promised clearly more frames.
     """
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, span: Span = Span()):
+        self._source = source
         self._container, name, size = _open(source)
         try:
             self.info, self._decoded = _inspect(self._container, name, size)
+            self._stream = _video_stream(self._container)
+            self._offset, self._end = 0, None
+            if not span.whole:
+                self._trim(span)
         except BaseException:
             self._container.close()
             raise
-        self._stream = _video_stream(self._container)
         self._started = False
+
+    def _trim(self, span: Span) -> None:
+        """Decode from the keyframe before the span, drop the frames before it, and describe the
+        span as the video: its frames are numbered and timed from 0 (as ComfyUI's trimmed
+        decode and save do), its duration is the span's."""
+        info = self.info
+        length = info.duration or 0.0
+        start = max(length + span.start, 0.0) if span.start < 0 else span.start
+        start_pts = int(start / info.time_base)
+        self._end = int((start + span.duration) / info.time_base) if span.duration else None
+        decoded = self._decoded_from(start_pts)
+        first = next(decoded, None)
+        if first is None:
+            raise VideoError(f"{info.path}: the trim window ({start:.3f} s for "
+                             f"{span.duration or length - start:.3f} s) holds no frame of this "
+                             f"{length:.3f} s video. Change Trim Video's start_time and duration.")
+        self._offset = first.pts or 0
+        self._decoded = itertools.chain([first], decoded)
+        left = length - self._offset * info.time_base
+        duration = min(span.duration, left) if span.duration else left
+        self.info = replace(info, frame_count=None, duration=max(float(duration), 0.0))
+
+    @property
+    def audio(self) -> AudioSpan:
+        """The source's audio over the frames this reader gives, timed like them."""
+        time_base = self.info.time_base
+        return AudioSpan(self._source, float(self._offset * time_base),
+                         None if self._end is None else float(self._end * time_base))
 
     def frames(self) -> Iterator[DecodedFrame]:
         """Frames in decode order (= display order), once per reader."""
@@ -164,7 +225,7 @@ class VideoReader:
         for count, decoded in enumerate(self._upright_frames(self._decoded, 0), start=1):
             yield decoded
         expected = self.info.expected_frames
-        if expected and count < 0.9 * expected - 1:  # edit lists legitimately drop a few
+        if expected and count < 0.9 * expected - 1 and self._end is None:  # edit lists legitimately drop a few
             log.warning("%s: only %d of the %d frames its container announces could be read; the "
                         "file is probably truncated.", self.info.path, count, expected)
 
@@ -173,17 +234,23 @@ class VideoReader:
         ``index`` (its place in the whole video), decoded from the keyframe before it rather
         than from the start: one segment of a long video. Once per reader, instead of frames()."""
         self._start()
+        return self._upright_frames(self._decoded_from(pts), index)
+
+    def _decoded_from(self, pts: int) -> Iterator[av.VideoFrame]:
+        """Decoded frames from the one at ``pts`` on, and before the reader's end."""
         back = 0
         while True:  # a keyframe found by its decode time may show after ``pts``: seek further back
-            self._container.seek(pts - back, stream=self._stream, backward=True)
+            self._container.seek(max(pts - back, 0), stream=self._stream, backward=True)
             decoded = _decode(self._container, self._stream, self.info.path)
             first = next(decoded)
             if first.pts is None or first.pts <= pts or pts - back <= (self._stream.start_time or 0):
                 break
             decoded.close()
             back = max(2 * back, round(1 / self.info.time_base))  # one second, then doubling
-        kept = (frame for frame in itertools.chain([first], decoded) if frame.pts is None or frame.pts >= pts)
-        return self._upright_frames(kept, index)
+        frames = itertools.chain([first], decoded)
+        kept = (frame for frame in frames if frame.pts is None or frame.pts >= pts)
+        return kept if self._end is None else itertools.takewhile(
+            lambda frame: frame.pts is None or frame.pts < self._end, kept)
 
     def _start(self) -> None:
         if self._started:
@@ -195,7 +262,7 @@ class VideoReader:
         ticks_per_frame = 1 / (info.frame_rate * info.time_base)
         for index, frame in enumerate(decoded, start=first_index):
             # Elementary streams (.h264) carry no timestamps: count frames instead.
-            pts = frame.pts if frame.pts is not None else round(index * ticks_per_frame)
+            pts = frame.pts - self._offset if frame.pts is not None else round(index * ticks_per_frame)
             yield DecodedFrame(index, _upright(_to_rgb(frame), info.rotation), pts,
                                float(pts * info.time_base), frame.duration or None)
 
@@ -224,13 +291,14 @@ class VideoWriter:
     ``close()``; an existing ``path`` is never overwritten. Leaving the context with an exception
     (or calling ``abort()``, e.g. on cancel) removes the partial file. Audio comes from
     ``audio_from``: a source video whose audio streams are copied packet for packet (re-encoded
-    to AAC only where the output container cannot hold the codec), or an AudioWaveform.
+    to AAC only where the output container cannot hold the codec), an AudioSpan of such a
+    video (a trimmed one's sound), or an AudioWaveform.
     With ``copy_from`` (a video stream of an open file) nothing is encoded: ``copy()`` muxes
     that stream's packets as they are, which is how segments are joined (``join_segments``).
     """
 
     def __init__(self, path: str | Path, info: VideoInfo,
-                 audio_from: Source | AudioWaveform | None = None, *, crf: int = DEFAULT_CRF,
+                 audio_from: Source | AudioSpan | AudioWaveform | None = None, *, crf: int = DEFAULT_CRF,
                  preset: str = DEFAULT_PRESET, pix_fmt: str | None = None,
                  copy_from: av.VideoStream | None = None):
         self.path = Path(path)
@@ -592,17 +660,18 @@ def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
 
 
 def _audio_tracks(output: av.container.OutputContainer,
-                  audio_from: Source | AudioWaveform | None) -> list[_CopiedAudio | _EncodedAudio]:
+                  audio_from: Source | AudioSpan | AudioWaveform | None) -> list[_CopiedAudio | _EncodedAudio]:
     if audio_from is None:
         return []
     if isinstance(audio_from, AudioWaveform):
         return [_EncodedAudio(output, _waveform_frames(audio_from), audio_from.sample_rate,
                               audio_from.samples.shape[0])]
-    container, name, _ = _open(audio_from)
+    span = audio_from if isinstance(audio_from, AudioSpan) else AudioSpan(audio_from)
+    container, name, _ = _open(span.source)
     tracks: list[_CopiedAudio | _EncodedAudio] = []
     try:
         for index in range(len(container.streams.audio)):
-            tracks.append(_source_audio(output, audio_from, index, name))
+            tracks.append(_source_audio(output, span, index, name))
     except BaseException:
         for track in tracks:
             track.close()
@@ -612,14 +681,16 @@ def _audio_tracks(output: av.container.OutputContainer,
     return tracks
 
 
-def _source_audio(output: av.container.OutputContainer, source: Source, index: int,
+def _source_audio(output: av.container.OutputContainer, span: AudioSpan, index: int,
                   name: str) -> _CopiedAudio | _EncodedAudio:
-    """Copy audio stream ``index`` of ``source``; re-encode it to AAC only when the output
-    container cannot hold its codec (e.g. ADPCM or u8 PCM from AVI into MP4)."""
-    container, _, _ = _open(source)
+    """Copy audio stream ``index`` of the span's source over the span; re-encode it to AAC only
+    when the output container cannot hold its codec (e.g. ADPCM or u8 PCM from AVI into MP4)."""
+    container, _, _ = _open(span.source)
     stream = container.streams.audio[index]
+    if span.start > 0 and stream.time_base:
+        container.seek(int(span.start / stream.time_base), stream=stream, backward=True)
     try:
-        return _CopiedAudio(output, container, stream, name)
+        return _CopiedAudio(output, container, stream, name, span)
     except ValueError as error:
         if stream.codec_context is None:
             container.close()
@@ -627,7 +698,7 @@ def _source_audio(output: av.container.OutputContainer, source: Source, index: i
                              f"{output.format.name} nor decoded. Write a .mkv, or remove that stream.") from error
         log.warning("%s: audio stream %d (%s) cannot be stored in %s; re-encoding it to AAC.",
                     name, index, stream.codec_context.name, output.format.name)
-        return _EncodedAudio(output, _decoded_audio(container, stream, name), stream.sample_rate,
+        return _EncodedAudio(output, _decoded_audio(container, stream, name, span), stream.sample_rate,
                              stream.channels, source=container)
 
 
@@ -635,11 +706,29 @@ class _CopiedAudio:
     """One source audio stream remuxed packet by packet: the same bytes, no re-encode."""
 
     def __init__(self, output: av.container.OutputContainer, source: av.container.InputContainer,
-                 stream: av.AudioStream, name: str):
+                 stream: av.AudioStream, name: str, span: AudioSpan):
         self._stream = output.add_stream_from_template(template=stream, opaque=True)
         self._output, self._source, self._name = output, source, name
-        self._packets = (packet for packet in source.demux(stream) if packet.dts is not None)
+        self._packets = self._spanned(source.demux(stream), span)
         self._pending: av.Packet | None = None
+
+    @staticmethod
+    def _spanned(packets: Iterator[av.Packet], span: AudioSpan) -> Iterator[av.Packet]:
+        """The packets that start within the span, their timestamps moved by its start."""
+        for packet in packets:
+            if packet.dts is None:  # the empty packet that ends a demux
+                continue
+            time = float((packet.dts if packet.pts is None else packet.pts) * packet.time_base)
+            if span.end is not None and time >= span.end:
+                return
+            if span.start > 0:
+                if time < span.start:
+                    continue
+                shift = round(span.start / packet.time_base)
+                packet.dts -= shift
+                if packet.pts is not None:
+                    packet.pts -= shift
+            yield packet
 
     def mux_until(self, seconds: float | None) -> None:
         """Mux the packets that start up to ``seconds`` (None: all that are left)."""
@@ -704,9 +793,16 @@ def _waveform_frames(audio: AudioWaveform) -> Iterator[av.AudioFrame]:
 
 
 def _decoded_audio(container: av.container.InputContainer, stream: av.AudioStream,
-                   name: str) -> Iterator[av.AudioFrame]:
+                   name: str, span: AudioSpan) -> Iterator[av.AudioFrame]:
     try:
-        yield from container.decode(stream)
+        for frame in container.decode(stream):
+            if frame.pts is not None and span.end is not None and frame.time >= span.end:
+                return
+            if span.start > 0 and frame.pts is not None:
+                if frame.time < span.start:
+                    continue
+                frame.pts -= round(span.start / frame.time_base)
+            yield frame
     except av.FFmpegError as error:
         raise VideoError(f"{name}: its audio could not be decoded ({_reason(error)}); the file is damaged "
                          f"or truncated.") from error

@@ -17,7 +17,7 @@ import pytest
 
 import videoclips
 from gpen.video import (AudioWaveform, VideoError, VideoInfo, VideoReader, VideoWriter, output_pix_fmt,
-                        partial_path, probe)
+                        Span, partial_path, probe)
 
 REPO = Path(__file__).resolve().parents[1]
 UNCHANGED_LIMIT = 2.0  # mean abs difference, 0..255: the issue's bound for frames left alone
@@ -418,3 +418,52 @@ def test_memory_does_not_grow_with_the_length_of_the_clip(tmp_path):
           f"(ratio {peaks[1200] / peaks[150]:.3f}; holding the extra 1,050 frames would add {held:.0f} MiB)")
     assert held > 0.5 * peaks[150]  # the test could see frames being kept
     assert peaks[1200] <= peaks[150] * 1.10
+
+
+# Trimmed videos (ComfyUI's Trim Video: start, duration, negative start from the end) ----------
+
+TRIMS = {"start only": Span(start=1.0), "duration only": Span(duration=1.0),
+         "negative start": Span(start=-1.0), "start and duration": Span(start=0.55, duration=0.75)}
+
+
+@pytest.fixture(scope="module")
+def keyframed_clip(tmp_path_factory) -> Path:
+    """3 s at 30 fps with sound, a keyframe every 12 frames, so a trim seeks into the middle."""
+    return videoclips.write_clip(tmp_path_factory.mktemp("trim") / "clip.mp4",
+                                 videoclips.gradients(320, 240, 90), fps=30, audio=videoclips.sine_sweep(3.0),
+                                 options={"crf": "12", "preset": "ultrafast", "g": "12"})
+
+
+@pytest.mark.parametrize("span", TRIMS.values(), ids=TRIMS.keys())
+def test_a_trimmed_video_is_read_and_written_as_its_span(span, keyframed_clip, tmp_path):
+    info, everything = read_all(keyframed_clip)
+    start = info.duration + span.start if span.start < 0 else span.start
+    first, end = int(start / info.time_base), int((start + span.duration) / info.time_base) if span.duration else None
+    expected = [f for f in everything if f.pts >= first and (end is None or f.pts < end)]
+    with VideoReader(keyframed_clip, span) as reader:
+        trimmed, frames, audio = reader.info, list(reader.frames()), reader.audio
+    assert 0 < len(frames) == len(expected) < len(everything)
+    assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(frames, expected))
+    assert [f.pts for f in frames] == [f.pts - expected[0].pts for f in expected]  # timed from 0
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert trimmed.expected_frames == len(expected)
+    assert audio.start == pytest.approx(float(expected[0].pts * info.time_base))
+
+    out = tmp_path / "trimmed.mp4"
+    with VideoWriter(out, trimmed, audio_from=audio) as writer:
+        for frame in frames:
+            writer.write(frame.rgb, frame.pts, frame.duration)
+    written = probe(out)
+    assert written.frame_count == len(expected)
+    assert written.duration == pytest.approx(len(expected) / 30, abs=0.04)
+    source_sound, (sound,) = audio_packets(keyframed_clip)[0], audio_packets(out)
+    kept = [(t - audio.start, data) for t, data in source_sound  # from 0: with the encoder delay
+            if (t >= audio.start or audio.start == 0) and (audio.end is None or t < audio.end)]
+    assert [data for _, data in sound] == [data for _, data in kept]  # the span's packets, copied
+    assert max(abs(a - b) for (a, _), (b, _) in zip(sound, kept)) < 1e-3  # and moved to its start
+    assert sound[-1][0] == pytest.approx(written.duration, abs=0.05)
+
+
+def test_a_trim_past_the_end_is_a_clear_error(keyframed_clip):
+    with pytest.raises(VideoError, match="trim window .* holds no frame .*Trim Video"):
+        VideoReader(keyframed_clip, Span(start=5.0))
