@@ -19,7 +19,13 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
-from comfy_api.latest import ComfyExtension, InputImpl, io
+
+# The one place that picks the node API: the versioned v0_0_2 API where the host has it (what
+# current ComfyUI asks packs to pin), else `latest` (hosts from before the versioned APIs).
+try:
+    from comfy_api.v0_0_2 import ComfyExtension, InputImpl, io
+except ImportError:
+    from comfy_api.latest import ComfyExtension, InputImpl, io
 
 # Inputs added after a node's first release are optional with defaults, so API prompts and
 # workflows saved before them keep validating and running unchanged.
@@ -33,7 +39,7 @@ from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, VIDEO_REDETECT_EVER
                            DetectOptions, PasteOptions, RestoreOptions, parse_indices)
 from .gpen.loader import missing_model_message
 from .gpen.parsing import load_parser, parser_path
-from .gpen.video import AudioWaveform, VideoInfo, VideoReader, VideoWriter
+from .gpen.video import AudioWaveform, Span, VideoInfo, VideoReader, VideoWriter
 
 MODEL_FOLDER = "facerestore_models"  # shared with the other face-restore packs
 DETECTOR_FOLDER = "facedetection"
@@ -490,12 +496,12 @@ class GPENRestoreVideo(io.ComfyNode):
 @contextlib.contextmanager
 def video_source(video) -> Iterator[tuple[VideoInfo, Iterator[Frame], object]]:
     """(info, frames, audio source) of a VIDEO input. A video backed by a file (Load Video) is
-    decoded lazily from it and its audio copied as is; one made of components (frames already in
-    memory, e.g. Create Video) is read from those, its audio encoded from the waveform."""
+    decoded lazily from it and its audio copied as is, over its trim window (Trim Video) where
+    it has one; one made of components (frames already in memory, e.g. Create Video) is read
+    from those, its audio encoded from the waveform."""
     if isinstance(video, InputImpl.VideoFromFile):
-        source = video.get_stream_source()
-        with VideoReader(source) as reader:
-            yield reader.info, video_frames(reader), source
+        with VideoReader(video.get_stream_source(), trim_span(video)) as reader:
+            yield reader.info, video_frames(reader), reader.audio
         return
     components = video.get_components()
     images = components.images
@@ -505,6 +511,14 @@ def video_source(video) -> Iterator[tuple[VideoInfo, Iterator[Frame], object]]:
     if components.audio is not None:
         audio = AudioWaveform(components.audio["waveform"][0].float().numpy(), int(components.audio["sample_rate"]))
     yield info, (Frame(i, im.frame_uint8(images, i)) for i in range(images.shape[0])), audio
+
+
+def trim_span(video) -> Span:
+    """The trim window of a file-backed VIDEO: Trim Video (ComfyUI 0.14 on) keeps the whole file
+    behind ``get_stream_source()`` and the window beside it, its negative start already counted
+    from the end. Hosts without trimming give the whole video."""
+    window = getattr(video, "get_active_trim_window", None)
+    return Span(*window()) if window is not None else Span()
 
 
 def _model_upscaler(upscale_model) -> pipeline.Upscaler:
