@@ -32,7 +32,9 @@ def portrait_strip() -> np.ndarray:
     """Three faces side by side, 1024 px high: two template portraits and the astronaut."""
     import skimage.data
 
-    tiles = [cv2.imread(str(TEMPLATES / name), cv2.IMREAD_COLOR_RGB) for name in PORTRAITS]
+    # Newer template packages ship some of these pictures smaller (400 px): the same portrait.
+    tiles = [cv2.resize(cv2.imread(str(TEMPLATES / name), cv2.IMREAD_COLOR_RGB), (1024, 1024),
+                        interpolation=cv2.INTER_CUBIC) for name in PORTRAITS]
     tiles.insert(1, cv2.resize(skimage.data.astronaut(), (1024, 1024), interpolation=cv2.INTER_CUBIC))
     strip = np.ascontiguousarray(np.concatenate(tiles, axis=1))
     strip.flags.writeable = False
