@@ -116,11 +116,24 @@ def load_fully(patcher: comfy.model_patcher.ModelPatcher, memory_required: int =
     execution.check_on_device(patcher.model, patcher.load_device)
 
 
-def batch_that_fits(device: torch.device, per_face: int, batch_size: int) -> int:
+def free_memory_for(patcher: comfy.model_patcher.ModelPatcher) -> int:
+    """What a new allocation on the patcher's load device can get. Under DynamicVRAM (ComfyUI
+    0.33 with comfy-aimdo on a GPU) that is the free memory plus other models' resident weights,
+    which aimdo evicts on demand, and ComfyUI sizes its own batches by it (samplers, VAE) through
+    ``ModelPatcher.get_free_memory``; plain free memory would shrink batches for nothing. Hosts
+    without that method (0.3.75) and CPUs: the free memory (it reads the first GPU for a CPU)."""
+    device = patcher.load_device
+    get_free = getattr(patcher, "get_free_memory", None)
+    if callable(get_free) and not mm.is_device_cpu(device):
+        return get_free(device)
+    return mm.get_free_memory(device)
+
+
+def batch_that_fits(patcher: comfy.model_patcher.ModelPatcher, per_face: int, batch_size: int) -> int:
     """The largest batch (at most ``batch_size``) whose activations fit in free memory: VRAM left
     by the loaded models, or available RAM on a CPU."""
-    free = mm.get_free_memory(device)
-    if not mm.is_device_cpu(device):
+    free = free_memory_for(patcher)
+    if not mm.is_device_cpu(patcher.load_device):
         free -= mm.extra_reserved_memory()
     return max(1, min(batch_size, int(free * MEMORY_HEADROOM // per_face)))
 
@@ -133,12 +146,15 @@ def prepare_generator(patcher: comfy.model_patcher.ModelPatcher, faces: int, bat
     per_face = pipeline.activation_bytes(model.config, dtype)
     batch = min(batch_size, faces)
     load_fully(patcher, memory_required=per_face * batch)
-    return batch_that_fits(patcher.load_device, per_face, batch)
+    return batch_that_fits(patcher, per_face, batch)
 
 
 def generator_patcher(model: torch.nn.Module, compile: bool = False) -> comfy.model_patcher.ModelPatcher:
     """The GPEN_MODEL value: the generator (NHWC, optionally compiled) under ComfyUI's memory
-    manager, to be loaded onto ComfyUI's device when it runs and offloaded when others need it."""
+    manager, to be loaded onto ComfyUI's device when it runs and offloaded when others need it.
+    A plain ModelPatcher, not CoreModelPatcher: under DynamicVRAM (0.33) that is the dynamic
+    patcher, which leaves the parameters of non-leaf modules (GPEN's modulated convolution
+    weights, 63% of them) on the GPU untracked."""
     model = model.to_channels_last()
     if compile:
         execution.enable_compile(model)
