@@ -328,6 +328,43 @@ def memory(sizes: list[int], device: torch.device, dtypes: list[str]) -> list[di
     return rows
 
 
+def forward_gflop(config: GPENConfig, batch: int = 1) -> float:
+    """GFLOP of one forward (convolutions and matmuls, counted on ``meta``: no values computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = FullGenerator(config).eval().requires_grad_(False)
+        x = torch.zeros(batch, 3, config.size, config.size)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def conv_gflops(device: torch.device, dtype: torch.dtype, channels: int = 256, side: int = 256,
+                repeats: int = 3) -> float:
+    """Throughput of one plain 3x3 convolution (channels last, the weight fixed, so the library
+    keeps its packed form) in ``dtype``, best of ``repeats``: the rate no compiler can lift for a
+    forward that is almost all convolution."""
+    x = torch.randn(1, channels, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, channels, 3, 3, device=device).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        best = min(timed(lambda: F.conv2d(x, weight, padding=1), device)[0] for _ in range(repeats + 1))
+    return 2 * 9 * channels**2 * side**2 / best / 1e9
+
+
+def print_floor(sizes: list[int], batches: list[int], device: torch.device, dtypes: list[torch.dtype]) -> None:
+    """Each model's GFLOP per face and the ms per face this device's convolution rate allows at
+    best: how far any path (compiled or not) is from it."""
+    rates = {dtype: conv_gflops(device, dtype) for dtype in dict.fromkeys(dtypes)}
+    for size in sizes:
+        gflop = forward_gflop(GPENConfig(size), batches[0]) / batches[0]
+        floors = ", ".join(f"{str(d).removeprefix('torch.')} conv {rate:.0f} GFLOP/s -> >= {1000 * gflop / rate:.0f} ms/face"
+                           for d, rate in rates.items())
+        print(f"floor: GPEN-{size} {gflop:.0f} GFLOP/face; {floors}")
+
+
 def timed_median(run: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
     """Median seconds of ``repeats`` calls after one warm-up call, and the last output."""
     out = run()
@@ -507,6 +544,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     paths = paths_for(args.dtypes, args.compile, args.authors, args.node, device)
     print(f"baseline (vs base): {paths[0].name}; errors against our fp32 eager output; ms/face: "
           f"median of {args.repeats} rounds after the first call, paths interleaved (best: fastest round)")
+    if device.type != "meta":
+        print_floor(sizes, args.batches, device, [path.dtype for path in paths])
     print(HEADER)
     return bench(sizes, args.batches, device, paths, args.repeats)
 
