@@ -80,13 +80,11 @@ class SpandrelFace(nn.Module):
         return ACTIVATION_BYTES_FP32[self.name] * torch.finfo(dtype).bits // 32
 
     def to_channels_last(self) -> SpandrelFace:
-        """NHWC for the 4-D weights, as FullGenerator (``Module.to`` would reject 5-D ones)."""
-        for tensor in (*self.parameters(), *self.buffers()):
-            if tensor.dim() == 4:
-                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+        """Left in NCHW: these arches ``view`` their feature maps, which NHWC tensors cannot."""
         return self
 
     def forward(self, x: torch.Tensor, fidelity: float = 0.5) -> torch.Tensor:
+        x = x.contiguous()  # the pipeline hands NHWC batches (GPEN's layout)
         if self.name == "CodeFormer":
             return self.net(x, weight=fidelity)[0]
         if self.name == "GFPGAN":
