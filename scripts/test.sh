@@ -14,6 +14,10 @@ fi
 "$py" -c "import pytest, skimage, playwright" 2>/dev/null || \
   "$py" -m pip install --disable-pip-version-check -q pytest scikit-image playwright 2>&1 | \
   { grep -v "is ignored: it is neither a file" || true; }
+# CodeFormer's optional architecture package, so its tests run.
+"$py" -c "import spandrel_extra_arches" 2>/dev/null || "$py" -m pip install --disable-pip-version-check -q \
+  -c <("$py" -c "from importlib.metadata import version; print('torch==' + version('torch'))") \
+  spandrel_extra_arches 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
 "$py" -c "import ray.data" 2>/dev/null || "$py" -m pip install --disable-pip-version-check -q "ray[data]==2.60.*" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
 cd "$pack"
 exec "$py" -m pytest tests "$@"
