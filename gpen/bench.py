@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 from . import execution
 from .arch import (LEAKY_GAIN, LEAKY_SLOPE, ConvLayer, FullGenerator, GPENConfig, ModulatedConv2d,
                    StyledConv, ToRGB, peak_activation_bytes)
+from .align import template
 from .engine import STAGES
 from .options import DetectOptions, RestoreOptions
 
@@ -403,11 +404,17 @@ def format_row(r: dict) -> str:
 
 class Passthrough(torch.nn.Module):
     """A stand-in generator that returns its input: times everything around the model without
-    the forward competing for the same CPU cores."""
+    the forward competing for the same CPU cores. Declares what every restorer does
+    (``restorers.FaceModel``), as GPEN."""
+
+    name = "passthrough"
+    input_range = (-1.0, 1.0)
+    has_fidelity = False
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
+        self.template = template(size)
         self.register_buffer("anchor", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
