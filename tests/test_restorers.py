@@ -136,3 +136,21 @@ def test_alignment_targets_the_models_template(released):
     placed = landmarks @ affine[:, :2].T + affine[:, 2]
     assert np.allclose(placed, FFHQ_TEMPLATE_512, atol=1e-6)
     assert not np.allclose(alignment(landmarks, 512), affine)  # GPEN's template differs
+
+
+# CodeFormer is not here yet: in the host (auto precision: bf16 on this CPU) GPENRestore fails
+# for it; under investigation (tests above cover it in fp32 and bf16 loading).
+@pytest.mark.parametrize("name", ["GFPGAN", "RestoreFormer"])
+def test_four_nodes_run_each_architecture_in_the_host(served, build, astronaut, name):
+    from test_host import restore_graph, saved
+
+    _, _, _, safetensors = build(name)
+    target = served.base / "models" / "facerestore_models" / f"{name}.safetensors"
+    target.write_bytes(safetensors.read_bytes())
+    graph = restore_graph("astronaut.png", model=target.name, prefix=f"restorer_{name}")
+    graph["4"]["inputs"]["fidelity"] = 0.3
+    entry = served.run(graph)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    out = saved(served, entry, "6")
+    changed = np.abs(out.astype(int) - astronaut.astype(int)).max(-1) > 2
+    assert out.shape == astronaut.shape and changed.sum() > 2000  # the restored face was pasted
