@@ -36,8 +36,8 @@ FACE_ARCHES = ("GFPGAN", "RestoreFormer", "CodeFormer")
 SUPPORTED = "GPEN-BFR (512/1024/2048), GFPGAN v1.x (clean), RestoreFormer, CodeFormer"
 CODEFORMER_NOTE = ("CodeFormer needs the optional package spandrel_extra_arches (pip install "
                    "spandrel_extra_arches; CodeFormer's licence is non-commercial)")
-# Peak live activation bytes of one 512 face in fp32, measured with gpen.bench's PeakLiveBytes
-# and rounded up (spandrel's arches have no memory model); other precisions scale by element size.
+# Peak live activation bytes of one 512 face in fp32: a rough upper guess, not yet measured
+# (to do: gpen.bench's PeakLiveBytes per arch); other precisions scale by element size.
 ACTIVATION_BYTES_FP32 = {"GFPGAN": 110 << 20, "RestoreFormer": 150 << 20, "CodeFormer": 150 << 20}
 
 
