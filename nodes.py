@@ -30,7 +30,7 @@ except ImportError:
 # Inputs added after a node's first release are optional with defaults, so API prompts and
 # workflows saved before them keep validating and running unchanged.
 
-from .gpen import ModelLoadError, execution, load_generator, notices, pipeline
+from .gpen import ModelLoadError, execution, notices, pipeline
 from .gpen import image as im
 from .gpen.engine import Frame, FrameEngine, Restorer
 from .gpen.faces import load_detector, retinaface_path
@@ -39,6 +39,7 @@ from .gpen.options import (BLENDS, DETECTORS, MASKS, ORDERS, VIDEO_REDETECT_EVER
                            DetectOptions, PasteOptions, RestoreOptions, parse_indices)
 from .gpen.loader import missing_model_message
 from .gpen.parsing import load_parser, parser_path
+from .gpen.restorers import activation_bytes, load_face_model
 from .gpen.video import AudioWaveform, Span, VideoInfo, VideoReader, VideoWriter
 
 MODEL_FOLDER = "facerestore_models"  # shared with the other face-restore packs
@@ -143,14 +144,14 @@ def prepare_generator(patcher: comfy.model_patcher.ModelPatcher, faces: int, bat
     size to use (capped by the number of faces and by free memory)."""
     model = patcher.model
     dtype = next(model.parameters()).dtype
-    per_face = pipeline.activation_bytes(model.config, dtype)
+    per_face = activation_bytes(model, dtype)
     batch = min(batch_size, faces)
     load_fully(patcher, memory_required=per_face * batch)
     return batch_that_fits(patcher, per_face, batch)
 
 
 def generator_patcher(model: torch.nn.Module, compile: bool = False) -> comfy.model_patcher.ModelPatcher:
-    """The GPEN_MODEL value: the generator (NHWC, optionally compiled) under ComfyUI's memory
+    """The GPEN_MODEL value: the restorer (NHWC, optionally compiled) under ComfyUI's memory
     manager, to be loaded onto ComfyUI's device when it runs and offloaded when others need it.
     A plain ModelPatcher, not CoreModelPatcher: under DynamicVRAM (0.33) that is the dynamic
     patcher, which leaves the parameters of non-leaf modules (GPEN's modulated convolution
@@ -205,6 +206,7 @@ def detect_inputs(smoothing: float = 0.0) -> list:
 
 
 def restore_inputs() -> list:
+    """The restoration options; ``fidelity`` goes last of the node's inputs (``fidelity_input``)."""
     return [
         io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
                        tooltip="1 = fully restored face, 0 = the original; in between mixes "
@@ -213,6 +215,12 @@ def restore_inputs() -> list:
                      tooltip="Faces per forward pass, at most: lowered to what free memory "
                              "holds, and halved if the GPU still runs out of memory."),
     ]
+
+
+def fidelity_input():
+    return io.Float.Input("fidelity", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                          tooltip="CodeFormer only (its weight w): 0 = strongest restoration, 1 = "
+                                  "closest to the input face. Other models ignore it.")
 
 
 def paste_inputs() -> list:
@@ -298,24 +306,37 @@ def tell(node: type[io.ComfyNode], name: str, text: str) -> None:
         prompt_server.send_progress_text(text, node_id)
 
 
+def fidelity_note(model, fidelity: float) -> str:
+    """A sentence for the node's notice when a fidelity other than the default was set for a
+    model without one, else nothing."""
+    if fidelity != RestoreOptions().fidelity and not model.has_fidelity:
+        return " " + notices.fidelity_ignored(model.name)
+    return ""
+
+
 class LoadGPENModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return _schema(
             node_id="GPENModelLoader",
             display_name="Load GPEN Model",
-            description="Loads a GPEN-BFR face restoration checkpoint (512, 1024 or 2048; .pth or "
-                        ".safetensors) from models/facerestore_models or models/gpen. The size and "
-                        "architecture are read from the weights; pickles are loaded weights-only.",
+            description="Loads a face restoration checkpoint (.pth or .safetensors) from "
+                        "models/facerestore_models or models/gpen: GPEN-BFR 512/1024/2048, GFPGAN "
+                        "v1.x, RestoreFormer, or CodeFormer (needs the optional spandrel_extra_arches; "
+                        "CodeFormer is for non-commercial use only). The architecture, size and "
+                        "alignment are read from the weights; pickles are loaded weights-only.",
             inputs=[
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list(MODEL_FOLDER),
-                               tooltip="GPEN-BFR-512/1024/2048 checkpoint in models/facerestore_models "
-                                       "or models/gpen."),
+                               tooltip="GPEN-BFR-512/1024/2048, GFPGANv1.x, RestoreFormer or CodeFormer "
+                                       "(non-commercial licence; needs pip install spandrel_extra_arches) "
+                                       "in models/facerestore_models or models/gpen."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="auto: on a GPU what ComfyUI picks for it (fp16 on most cards, "
                                        "fp32 on GTX 16xx/Pascal or with --force-fp32); on a CPU bf16 "
                                        "where the CPU has native bf16 (AMX / AVX512-BF16), else fp32 "
-                                       "(emulated bf16 is slower). fp32 is exact but slowest."),
+                                       "(emulated bf16 is slower). fp32 is exact but slowest. Models "
+                                       "without fp16 (GFPGAN, RestoreFormer, CodeFormer) use bf16 "
+                                       "where the device has it, else fp32."),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="Compile the generator with torch.compile (CUDA graphs on "
                                          "a GPU): faster per face, but the first run of each batch "
@@ -341,8 +362,10 @@ class LoadGPENModel(io.ComfyNode):
                                                        folder_paths.get_filename_list(MODEL_FOLDER)))
         if precision not in PRECISIONS:
             raise ValueError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-        dtype = PRECISIONS[precision] or auto_dtype(mm.get_torch_device())
-        model = load_generator(path, device="cpu", dtype=dtype)
+        device = mm.get_torch_device()
+        dtype = PRECISIONS[precision] or auto_dtype(device)
+        bf16_ok = mm.is_device_cpu(device) or mm.should_use_bf16(device)
+        model = load_face_model(path, device="cpu", dtype=dtype, bf16_ok=bf16_ok)
         return io.NodeOutput(generator_patcher(model, compile))
 
 
@@ -382,14 +405,16 @@ class GPENRestore(io.ComfyNode):
         return _schema(
             node_id="GPENRestore",
             display_name="GPEN Restore 2048",
-            description="Aligns each selected face to GPEN's five-point template at the model's own "
-                        "size (cut from the full-resolution source) and restores them in batches. "
+            description="Aligns each selected face to the model's five-point template at its own "
+                        "size (GPEN's, or the FFHQ template GFPGAN, RestoreFormer and CodeFormer use; "
+                        "cut from the full-resolution source) and restores them in batches. "
                         "Outputs the restored face crops and the faces with their alignment.",
             inputs=[
                 GPENModel.Input("gpen_model", tooltip="From Load GPEN Model."),
                 io.Image.Input("image", tooltip="The same image batch that went into Detect Faces."),
                 Faces.Input("faces", tooltip="From Detect Faces."),
                 *restore_inputs(),
+                fidelity_input(),
             ],
             outputs=[io.Image.Output(display_name="restored_faces"),
                      Faces.Output(display_name="faces")],
@@ -397,18 +422,19 @@ class GPENRestore(io.ComfyNode):
 
     @classmethod
     def execute(cls, gpen_model, image: torch.Tensor, faces, strength: float,
-                batch_size: int) -> io.NodeOutput:
-        options = RestoreOptions(strength=strength, batch_size=batch_size)
+                batch_size: int, fidelity: float = 0.5) -> io.NodeOutput:
+        options = RestoreOptions(strength=strength, batch_size=batch_size, fidelity=fidelity)
         model = gpen_model.model
         start = time.perf_counter()
-        crops, aligned = pipeline.align(image, faces, model.size, gpen_model.load_device)
+        crops, aligned = pipeline.align(image, faces, model.size, gpen_model.load_device, model.template)
         if aligned.count:
             batch = prepare_generator(gpen_model, aligned.count, batch_size)
             options = dataclasses.replace(options, batch_size=batch)
             crops = pipeline.restore(model, crops, options, gpen_model.load_device,
                                      next(model.parameters()).dtype,
                                      on_progress=_progress_callback(aligned.count))
-        tell(cls, "GPEN Restore", notices.restoration(aligned.count, model.size, time.perf_counter() - start))
+        tell(cls, "GPEN Restore", notices.restoration(aligned.count, model.size, time.perf_counter() - start)
+             + fidelity_note(model, fidelity))
         return io.NodeOutput(crops, aligned)
 
 
@@ -472,6 +498,7 @@ class GPENRestoreVideo(io.ComfyNode):
                                      "up at the next search. 1 = search every frame."),
                 *restore_inputs(),
                 *paste_inputs(),
+                fidelity_input(),
             ],
             outputs=[io.Video.Output(display_name="video")],
         )
@@ -481,14 +508,16 @@ class GPENRestoreVideo(io.ComfyNode):
                 min_size: int, indices: str, smoothing: float = VIDEO_SMOOTHING,
                 redetect_every: int = VIDEO_REDETECT_EVERY, strength: float = 1.0, batch_size: int = 4,
                 feather: float = 0.15, color_correction: bool = True, blend: str = BLENDS[0],
-                upscale: float = 1.0, mask: str = MASKS[0], upscale_model=None) -> io.NodeOutput:
+                upscale: float = 1.0, mask: str = MASKS[0], upscale_model=None,
+                fidelity: float = 0.5) -> io.NodeOutput:
         detect = detect_options(detector, threshold, max_faces, order, min_size, indices, smoothing,
                                 redetect_every)
         paste = paste_options(feather, color_correction, blend, upscale, mask)
         model = gpen_model.model
         restorer = Restorer(model, gpen_model.load_device, next(model.parameters()).dtype,
                             load_face_detector(detector), load_face_parser(paste), upscaler_for(upscale_model))
-        restore = RestoreOptions(strength=strength, batch_size=prepare_generator(gpen_model, batch_size, batch_size))
+        restore = RestoreOptions(strength=strength, batch_size=prepare_generator(gpen_model, batch_size, batch_size),
+                                 fidelity=fidelity)
         engine = FrameEngine(restorer, detect, restore, paste)
         target = Path(folder_paths.get_temp_directory()) / f"gpen_restored_{uuid.uuid4().hex[:12]}.mp4"
         faces_per_frame: list[int] = []
@@ -501,7 +530,8 @@ class GPENRestoreVideo(io.ComfyNode):
                     writer.write(frame.output, frame.pts, frame.duration)
                     faces_per_frame.append(len(frame.faces))
                     bar.update(1)
-        tell(cls, "GPEN Restore Video", notices.video(faces_per_frame, engine.finder.found, detect.indices))
+        tell(cls, "GPEN Restore Video", notices.video(faces_per_frame, engine.finder.found, detect.indices)
+             + fidelity_note(model, fidelity))
         return io.NodeOutput(InputImpl.VideoFromFile(str(target)))
 
     @classmethod

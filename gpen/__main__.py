@@ -25,6 +25,7 @@ from .engine import FrameEngine, load_restorer
 from .faces import DetectorError
 from .files import FileRestorer, Outcome, Task, plan
 from .loader import ModelLoadError, canonicalize, detect_config, load_generator, read_state_dict
+from .restorers import load_face_model
 from .options import (BLENDS, DETECTORS, MASKS, ORDERS, VIDEO_REDETECT_EVERY, VIDEO_SMOOTHING, DetectOptions,
                       PasteOptions, RestoreOptions, parse_indices)
 
@@ -57,7 +58,9 @@ def add_restore_options(parser: argparse.ArgumentParser) -> None:
     defaults = DetectOptions(), RestoreOptions(), PasteOptions()
     detect, restore, paste = defaults
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="GPEN-BFR checkpoint (.pth/.pt/.safetensors)")
+    model.add_argument("--model", required=True,
+                       help="face restorer checkpoint (.pth/.pt/.safetensors): GPEN-BFR, GFPGAN v1.x, "
+                            "RestoreFormer, or CodeFormer (with spandrel_extra_arches; non-commercial)")
     model.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                        help="auto: fp16 on a GPU; on the CPU bf16 where it has native bf16, else fp32")
     model.add_argument("--device", help="default: cuda when there is a GPU (--ray: on GPU workers), else cpu")
@@ -79,6 +82,9 @@ def add_restore_options(parser: argparse.ArgumentParser) -> None:
     gen = parser.add_argument_group("restoration (GPEN Restore 2048)")
     gen.add_argument("--strength", type=float, default=restore.strength)
     gen.add_argument("--batch-size", type=int, default=restore.batch_size)
+    gen.add_argument("--fidelity", type=float, default=restore.fidelity,
+                     help="CodeFormer's weight w: 0 = most restoration, 1 = closest to the input; "
+                          "other models ignore it")
     back = parser.add_argument_group("paste-back (Paste Back)")
     back.add_argument("--feather", type=float, default=paste.feather)
     back.add_argument("--color-correction", action=argparse.BooleanOptionalAction, default=paste.colour)
@@ -119,7 +125,7 @@ def restore(args: argparse.Namespace) -> int:
     options = (DetectOptions(detector=args.detector, threshold=args.threshold, max_faces=args.max_faces,
                              order=args.order, min_size=args.min_size, indices=parse_indices(args.indices),
                              smoothing=args.smoothing, redetect_every=args.redetect_every),
-               RestoreOptions(strength=args.strength, batch_size=args.batch_size),
+               RestoreOptions(strength=args.strength, batch_size=args.batch_size, fidelity=args.fidelity),
                PasteOptions(feather=args.feather, colour=args.color_correction, blend=args.blend,
                             upscale=args.upscale, mask=args.mask))
     if args.ray is not None:
@@ -128,7 +134,11 @@ def restore(args: argparse.Namespace) -> int:
     dtype = PRECISIONS.get(args.precision) or execution.default_dtype(device)
     restorer = load_restorer(args.model, device, dtype, args.detector, tuple(args.weights_dir), args.mask,
                              args.upscale_model, compile=args.compile)
-    print(f"{len(tasks)} file(s), GPEN-{restorer.model.size} on {device} ({str(dtype).removeprefix('torch.')})")
+    model = restorer.model
+    print(f"{len(tasks)} file(s), {model.name}-{model.size} on {device} "
+          f"({str(restorer.dtype).removeprefix('torch.')})")
+    if options[1].fidelity != RestoreOptions().fidelity and not model.has_fidelity:
+        print(f"note: {model.name} has no fidelity weight; --fidelity is ignored.", file=sys.stderr)
     start = time.perf_counter()
     outcomes = run_tasks(tasks, FileRestorer(FrameEngine(restorer, *options)))
     print_summary(outcomes, time.perf_counter() - start)
@@ -146,7 +156,7 @@ def restore_on_cluster(args: argparse.Namespace, tasks: list[Task], problems: li
                          f'pip install "ray[data]"') from None
     from . import cluster
 
-    detect_config(canonicalize(read_state_dict(args.model), Path(args.model).name), Path(args.model).name)
+    load_face_model(args.model)
     job = cluster.Job(str(Path(args.model).absolute()), *options, device=args.device,
                       dtype=PRECISIONS.get(args.precision), weights_dirs=tuple(args.weights_dir),
                       upscale_model=args.upscale_model and str(Path(args.upscale_model).absolute()),

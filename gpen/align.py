@@ -55,9 +55,10 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rotation, shift[:, None]])
 
 
-def alignment(landmarks: np.ndarray, size: int) -> np.ndarray:
-    """The image -> crop affine (2x3) that puts ``landmarks`` on the template of a ``size`` crop."""
-    return similarity_transform(landmarks, template(size))
+def alignment(landmarks: np.ndarray, size: int, points: np.ndarray | None = None) -> np.ndarray:
+    """The image -> crop affine (2x3) that puts ``landmarks`` on the template ``points`` of a
+    ``size`` crop (GPEN's ``template(size)`` unless the model has its own)."""
+    return similarity_transform(landmarks, template(size) if points is None else points)
 
 
 def invert_affine(affine: np.ndarray) -> np.ndarray:

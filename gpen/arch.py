@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .align import template
 
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 LEAKY_SLOPE = 0.2
@@ -345,8 +348,15 @@ class FullGenerator(nn.Module):
     """GPEN: encoder -> latent + multi-scale features -> StyleGAN2 decoder.
 
     ``forward`` maps a ``[B,3,S,S]`` face in [-1,1] to the restored ``[B,3,S,S]`` face (not
-    clipped, as in the authors' model).
+    clipped, as in the authors' model). The class attributes are what every face restorer
+    declares (``gpen.restorers.FaceModel``).
     """
+
+    name = "GPEN"
+    input_range = (-1.0, 1.0)
+    supports_fp16 = True
+    supports_bf16 = True
+    has_fidelity = False
 
     def __init__(self, config: GPENConfig):
         super().__init__()
@@ -364,6 +374,11 @@ class FullGenerator(nn.Module):
     @property
     def size(self) -> int:
         return self.config.size
+
+    @property
+    def template(self) -> np.ndarray:
+        """GPEN's own five-point template at this model's size."""
+        return template(self.config.size)
 
     def to_channels_last(self) -> FullGenerator:
         """NHWC layout for the 4-D weights (Tensor Core friendly); inputs should follow."""

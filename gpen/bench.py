@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 from . import execution
 from .arch import (LEAKY_GAIN, LEAKY_SLOPE, ConvLayer, FullGenerator, GPENConfig, ModulatedConv2d,
                    StyledConv, ToRGB, peak_activation_bytes)
+from .align import template
 from .engine import STAGES
 from .options import DetectOptions, RestoreOptions
 
@@ -440,11 +441,17 @@ def format_row(r: dict) -> str:
 
 class Passthrough(torch.nn.Module):
     """A stand-in generator that returns its input: times everything around the model without
-    the forward competing for the same CPU cores."""
+    the forward competing for the same CPU cores. Declares what every restorer does
+    (``restorers.FaceModel``), as GPEN."""
+
+    name = "passthrough"
+    input_range = (-1.0, 1.0)
+    has_fidelity = False
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
+        self.template = template(size)
         self.register_buffer("anchor", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -497,6 +504,37 @@ def video_table(path: str, size: int, device: torch.device, dtype: torch.dtype,
     return row
 
 
+def face_models(device: torch.device) -> dict[str, torch.nn.Module]:
+    """GPEN-512 and every face architecture spandrel reads here, with random weights in their
+    released layouts, loaded through ``restorers.load_face_model`` as a user's file would be."""
+    from spandrel.architectures.GFPGAN import GFPGAN
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    from .restorers import has_codeformer, load_face_model
+
+    nets = {"GPEN-512": FullGenerator(GPENConfig(512)), "GFPGAN": GFPGAN(), "RestoreFormer": RestoreFormer()}
+    if has_codeformer():
+        from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+        nets["CodeFormer"] = CodeFormer()
+    return {name: load_face_model(net.state_dict(), device).to_channels_last() for name, net in nets.items()}
+
+
+def model_table(device: torch.device, repeats: int, batch: int) -> list[dict]:
+    """ms per face of each face model through ``pipeline.restore_crops`` (fp32), one run."""
+    from .pipeline import restore_crops
+
+    rows = []
+    print(f"{'model':>14} {'ms/face':>9}  (fp32, batch {batch}, median of {repeats} after the first call)")
+    for name, model in face_models(device).items():
+        crops = torch.rand(batch, 3, model.size, model.size, device=device)
+        run = lambda: restore_crops(model, crops, RestoreOptions(batch_size=batch), device)  # noqa: E731
+        run()
+        seconds = sorted(timed(run, device)[0] for _ in range(repeats))[repeats // 2]
+        rows.append({"model": name, "ms_per_face": 1000 * seconds / batch})
+        print(f"{name:>14} {rows[-1]['ms_per_face']:>9.1f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m gpen.bench", description=__doc__.split("\n")[0])
@@ -523,6 +561,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                         "ms per frame of each stage and frames/s; --sizes picks the model")
     parser.add_argument("--no-model", action="store_true",
                         help="with --video: a generator that returns its input, to time everything else")
+    parser.add_argument("--models", action="store_true",
+                        help="ms per face of every face model (GPEN-512, GFPGAN, RestoreFormer, CodeFormer)")
     parser.add_argument("--redetect-every", type=int, default=5,
                         help="with --video: whole-frame face search every N frames")
     args = parser.parse_args(argv)
@@ -531,6 +571,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu (native bf16: {execution.cpu_has_native_bf16()})" if device.type == "cpu" else str(device)
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.models:
+        return model_table(device, args.repeats, args.batches[0])
     if args.video:
         dtype = DTYPES[args.dtype] if args.dtype else execution.default_dtype(device)
         detect = DetectOptions(smoothing=0.5, redetect_every=args.redetect_every)

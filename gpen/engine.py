@@ -52,8 +52,8 @@ class Frame:
 
 @dataclass
 class Restorer:
-    """What restoring needs, loaded once: the generator and where it runs, the face detector,
-    and optionally a face parser and a background upscaler."""
+    """What restoring needs, loaded once: the face restorer (any ``restorers.FaceModel``) and
+    where it runs, the face detector, and optionally a face parser and a background upscaler."""
 
     model: torch.nn.Module
     device: torch.device
@@ -68,14 +68,15 @@ def load_restorer(model_path: str | Path, device: torch.device | str, dtype: tor
                   upscale_model: str | Path | None = None, compile: bool = False) -> Restorer:
     """Everything a restore job needs, loaded from files (the command line and cluster workers;
     ComfyUI hands the nodes its own loaded models instead). Errors say which file and what to do.
-    ``compile`` runs the generator through torch.compile (``execution.enable_compile``)."""
+    ``compile`` runs the restorer through torch.compile (``execution.enable_compile``)."""
     from .faces import load_detector
-    from .loader import load_generator
     from .options import PasteOptions
     from .parsing import load_parser
+    from .restorers import load_face_model, supported_dtype
 
     device = torch.device(device)
-    model = load_generator(model_path, device=device, dtype=dtype).to_channels_last()
+    model = load_face_model(model_path, device=device, dtype=dtype).to_channels_last()
+    dtype = supported_dtype(model, dtype)
     if compile:
         execution.enable_compile(model)
     parser_name = PasteOptions(mask=mask).parser
@@ -172,7 +173,8 @@ class FrameEngine:
             if frame.faces or self.paste_options.upscale != 1.0:
                 start = time.perf_counter()
                 work.pixels = im.from_uint8(frame.rgb, self.restorer.device)
-                work.crops, work.affines = align_frame(work.pixels, frame.faces, self.restorer.model.size)
+                work.crops, work.affines = align_frame(work.pixels, frame.faces, self.restorer.model.size,
+                                                         self.restorer.model.template)
                 self.timings["align"] += time.perf_counter() - start
             pending.append(work)
             waiting_faces += len(frame.faces)

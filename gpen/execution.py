@@ -8,6 +8,7 @@ No ComfyUI here: the nodes ask ComfyUI for its GPU precision decisions and use
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 import weakref
@@ -19,7 +20,7 @@ from .arch import FullGenerator
 
 logger = logging.getLogger(__name__)
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[..., torch.Tensor]  # (x, *fidelity) -> restored
 
 
 class DevicePlacementError(ValueError):
@@ -78,8 +79,8 @@ def check_on_device(model: torch.nn.Module, device: torch.device | str) -> None:
             f"report it with ComfyUI's log.")
 
 
-def _forward(model: FullGenerator, x: torch.Tensor) -> torch.Tensor:
-    return model(x)
+def _forward(model: torch.nn.Module, x: torch.Tensor, *fidelity: float) -> torch.Tensor:
+    return model(x, *fidelity)
 
 
 # One compiled function per kind of device, shared by every model: the model is an argument and
@@ -105,7 +106,7 @@ def _graph_limit() -> dict[str, object]:
     return {"cache_size_limit": GRAPH_LIMIT, "fail_on_cache_limit_hit": True}
 
 
-def _compiled_forward(device_type: str) -> Callable[[FullGenerator, torch.Tensor], torch.Tensor]:
+def _compiled_forward(device_type: str) -> Callable[..., torch.Tensor]:
     if device_type not in _COMPILED_FORWARD:
         mode = "reduce-overhead" if device_type == "cuda" else None
         _COMPILED_FORWARD[device_type] = torch.compile(_forward, mode=mode, dynamic=False)
@@ -113,20 +114,20 @@ def _compiled_forward(device_type: str) -> Callable[[FullGenerator, torch.Tensor
 
 
 class CompiledGenerator:
-    """A generator's forward through torch.compile; falls back to eager, with a log line, if
+    """A restorer's forward through torch.compile; falls back to eager, with a log line, if
     compiling or the compiled call fails for any reason but memory. Holds the model weakly."""
 
-    def __init__(self, model: FullGenerator):
+    def __init__(self, model: torch.nn.Module):
         self._model = weakref.ref(model)
         self.failed: str | None = None
         self.first_call_seconds: dict[tuple, float] = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *fidelity: float) -> torch.Tensor:
         model = self._model()
         if model is None:
             raise ReferenceError("the compiled GPEN model has been freed")
         if self.failed:
-            return model(x)
+            return model(x, *fidelity)
         key = (tuple(x.shape), x.dtype, x.device.type)
         start = time.perf_counter()
         try:
@@ -134,13 +135,13 @@ class CompiledGenerator:
                 torch.compiler.cudagraph_mark_step_begin()  # outputs are copied out before the next call
             forward = _compiled_forward(x.device.type)  # torch.compile imports torch._dynamo
             with torch._dynamo.config.patch(**_graph_limit()):
-                out = forward(model, x)
+                out = forward(model, x, *fidelity)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # compiler/toolchain failures come in many types; all mean "use eager"
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             logger.warning("GPEN: torch.compile failed (%s); running the model eager instead.", self.failed)
-            return model(x)
+            return model(x, *fidelity)
         if key not in self.first_call_seconds:
             self.first_call_seconds[key] = time.perf_counter() - start
             logger.info("GPEN: first compiled call for %s %s on %s took %.1f s (compiling)",
@@ -150,10 +151,10 @@ class CompiledGenerator:
 
 # Per-model compile state; the values hold their model only weakly, so a model no longer used
 # (another checkpoint loaded) is freed with its weights.
-_COMPILED: weakref.WeakKeyDictionary[FullGenerator, CompiledGenerator] = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, CompiledGenerator] = weakref.WeakKeyDictionary()
 
 
-def enable_compile(model: FullGenerator) -> CompiledGenerator:
+def enable_compile(model: torch.nn.Module) -> CompiledGenerator:
     """Mark ``model`` to run through torch.compile from now on (idempotent)."""
     if model not in _COMPILED:
         _COMPILED[model] = CompiledGenerator(model)
@@ -165,11 +166,12 @@ def is_compiled(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def layer_steps(model: FullGenerator, on_step: Callable[[int, int], None]) -> Iterator[None]:
+def layer_steps(model: torch.nn.Module, on_step: Callable[[int, int], None]) -> Iterator[None]:
     """Call ``on_step(done, total)`` after each encoder and decoder convolution block of every
     eager forward of ``model``: progress within a batch of faces, and a point to stop it (an
     exception raised by ``on_step``, e.g. ComfyUI's cancel, ends the forward there). A compiled
-    model is left alone (hooks would break its graph), and so is any other module."""
+    model is left alone (hooks would break its graph), and so is any other architecture: its
+    progress moves per batch (``restore_crops`` reports after each)."""
     if is_compiled(model) or not isinstance(model, FullGenerator):
         yield
         return
@@ -183,17 +185,20 @@ def layer_steps(model: FullGenerator, on_step: Callable[[int, int], None]) -> It
             handle.remove()
 
 
-def forward_of(model: FullGenerator) -> Forward:
+def forward_of(model: torch.nn.Module) -> Forward:
     """What to call for a forward of ``model``: its compiled form if enabled, else the model."""
     return _COMPILED.get(model, model)
 
 
-def fp32_rerun(model: FullGenerator, x: torch.Tensor) -> torch.Tensor:
+def fp32_rerun(model: torch.nn.Module, x: torch.Tensor, *fidelity: float) -> torch.Tensor:
     """The forward in fp32 (eager) on a temporary fp32 copy of the weights, beside the model:
     for a half-precision batch whose output was not finite."""
-    with torch.device("meta"):
-        fp32 = FullGenerator(model.config)
-    fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+    if isinstance(model, FullGenerator):
+        with torch.device("meta"):
+            fp32 = FullGenerator(model.config)
+        fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+    else:  # spandrel's modules are built by their loaders: copy this one instead
+        fp32 = copy.deepcopy(model).float()
     fp32.eval().requires_grad_(False)
     with torch.inference_mode():
-        return fp32(x.float())
+        return fp32(x.float(), *fidelity)

@@ -29,13 +29,13 @@ CONTAINER_KEYS = ("g_ema", "params_ema", "params", "state_dict", "model", "net")
 PICKLE_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
 ONNX_SUFFIXES = {".onnx"}
 
-# Keys only another architecture has, to tell users what they actually gave us.
+# Keys only another architecture has, to tell users what they actually gave us (spandrel loads
+# the face restorers among them; these name them when it cannot).
 FOREIGN_SIGNATURES = (
-    (("conv_body_first.weight",), "GFPGAN (use a GFPGAN node, or pick a GPEN-BFR file)"),
-    (("stylegan_decoder.style_mlp.1.weight",), "GFPGAN (use a GFPGAN node, or pick a GPEN-BFR file)"),
-    (("quantize.embedding.weight", "ft_layers.0.self_attn.in_proj_weight"),
-     "CodeFormer (use a CodeFormer node, or pick a GPEN-BFR file)"),
-    (("quantize.embedding.weight",), "a VQ face restorer such as RestoreFormer, not GPEN"),
+    (("conv_body_first.weight",), "GFPGAN"),
+    (("stylegan_decoder.style_mlp.1.weight",), "GFPGAN"),
+    (("quantize.embedding.weight", "ft_layers.0.self_attn.in_proj_weight"), "CodeFormer"),
+    (("quantize.embedding.weight",), "a VQ face restorer such as RestoreFormer"),
     (("ClassHead.0.conv1x1.weight",),
      "a RetinaFace face detector: it belongs in models/facedetection and is chosen in Detect Faces"),
     (("style.1.weight", "to_rgb1.conv.weight"),
@@ -158,6 +158,11 @@ def identify_foreign(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def is_gpen(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the tensors are meant as a GPEN generator (complete or not): any of its own keys."""
+    return any(k in state_dict for k in REQUIRED_KEYS)
+
+
 def detect_config(state_dict: Mapping[str, torch.Tensor], name: str = "state dict") -> GPENConfig:
     """Infer every FullGenerator argument from key names and tensor shapes."""
     missing = [k for k in REQUIRED_KEYS if k not in state_dict]
@@ -212,7 +217,12 @@ def load_generator(source: str | Path | Mapping, device: str | torch.device = "c
         name, raw = "state dict", source
     else:
         name, raw = Path(source).name, read_state_dict(source)
-    state_dict = canonicalize(raw, name)
+    return load_gpen_state_dict(canonicalize(raw, name), name, device, dtype)
+
+
+def load_gpen_state_dict(state_dict: Mapping[str, torch.Tensor], name: str, device: str | torch.device,
+                         dtype: torch.dtype) -> FullGenerator:
+    """``load_generator`` for tensors already read and unwrapped (``canonicalize``)."""
     config = detect_config(state_dict, name)
     with torch.device("meta"):
         model = FullGenerator(config)

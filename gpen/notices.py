@@ -69,6 +69,11 @@ def restoration(count: int, size: int, seconds: float) -> str:
     return f"Restored {_plural(count, 'face')} at {size}x{size} in {seconds:.1f} s."
 
 
+def fidelity_ignored(model: str) -> str:
+    """GPEN Restore / Restore Video: a fidelity set for a model without one."""
+    return f"fidelity is CodeFormer's weight; {model} has none, so it was ignored."
+
+
 def paste(faces: FaceSet, upscale: float) -> str:
     """Paste Back: faces pasted, frames without a face passed through."""
     empty = [i for i, frame in enumerate(faces.frames) if not frame]

@@ -71,13 +71,16 @@ class DetectOptions:
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How restored faces are computed: mix with the original, faces per forward pass."""
+    """How restored faces are computed: mix with the original, faces per forward pass, and the
+    fidelity weight of models that have one (CodeFormer's w; others ignore it)."""
 
     strength: float = 1.0  # 1 = restored, 0 = original
     batch_size: int = 4  # an upper bound: memory may lower it, never raise it
+    fidelity: float = 0.5  # CodeFormer: 0 = most restoration, 1 = closest to the input
 
     def __post_init__(self) -> None:
         _within("strength", self.strength, 0.0, 1.0)
+        _within("fidelity", self.fidelity, 0.0, 1.0)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
 

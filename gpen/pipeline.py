@@ -17,10 +17,10 @@ import torch
 from . import execution
 from . import image as im
 from .align import affine_scale, alignment, cut_crop, resize
-from .arch import FullGenerator, GPENConfig, peak_activation_bytes
 from .faces import DETECT_BATCH, Detector, Face, FaceSet
 from .options import DetectOptions, PasteOptions, RestoreOptions
 from .parsing import FaceParser
+from .restorers import FaceModel
 from .paste import composite, place_face
 from .temporal import FaceFinder
 
@@ -62,24 +62,26 @@ def check_faces_match(image: torch.Tensor, faces: FaceSet, node: str) -> None:
                          f"Faces and to this node.")
 
 
-def align(image: torch.Tensor, faces: FaceSet, size: int,
-          device: torch.device | str = "cpu") -> tuple[torch.Tensor, FaceSet]:
-    """Cut every selected face at ``size`` (on ``device``, one transfer per frame); returns the
-    crops as an IMAGE batch and the FACES with their transforms and unrestored crops."""
+def align(image: torch.Tensor, faces: FaceSet, size: int, device: torch.device | str = "cpu",
+          points: np.ndarray | None = None) -> tuple[torch.Tensor, FaceSet]:
+    """Cut every selected face at ``size`` onto the template ``points`` (the model's; GPEN's by
+    default) on ``device``, one transfer per frame; returns the crops as an IMAGE batch and the
+    FACES with their transforms and unrestored crops."""
     check_faces_match(image, faces, "GPEN Restore")
     crops, affines = [], []
     for index, members in faces.by_frame().items():
-        frame_crops, frame_affines = align_frame(im.frame_tensor(image, index, device), members, size)
+        frame_crops, frame_affines = align_frame(im.frame_tensor(image, index, device), members, size, points)
         crops.append(frame_crops.cpu())
         affines += frame_affines
     batch = im.crops_to_image(join(crops) if crops else torch.zeros(0, 3, size, size))
     return batch, faces.with_alignment(affines, size, originals=batch)
 
 
-def align_frame(frame: torch.Tensor, faces: list[Face], size: int) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """The ``size`` crops ``[N,3,S,S]`` of a frame's faces, on the frame's device, and their
-    image -> crop affines."""
-    affines = [alignment(face.landmarks, size) for face in faces]
+def align_frame(frame: torch.Tensor, faces: list[Face], size: int,
+                points: np.ndarray | None = None) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The ``size`` crops ``[N,3,S,S]`` of a frame's faces (landmarks on ``points``, GPEN's
+    template by default), on the frame's device, and their image -> crop affines."""
+    affines = [alignment(face.landmarks, size, points) for face in faces]
     crops = [cut_crop(frame, affine, size)[None] for affine in affines]
     return (join(crops) if crops else frame.new_zeros(0, 3, size, size)), affines
 
@@ -89,15 +91,11 @@ def join(batches: list[torch.Tensor]) -> torch.Tensor:
     return batches[0] if len(batches) == 1 else torch.cat(batches)
 
 
-def activation_bytes(config: GPENConfig, dtype: torch.dtype) -> int:
-    """Peak memory one face needs in a forward (weights excluded), for the batch-size cap."""
-    return peak_activation_bytes(config, dtype)
-
-
-def restore_batch(model: FullGenerator, crops: torch.Tensor, strength: float, dtype: torch.dtype,
-                  pad_to: int = 0) -> torch.Tensor:
+def restore_batch(model: FaceModel, crops: torch.Tensor, strength: float, dtype: torch.dtype,
+                  pad_to: int = 0, fidelity: float = 0.5) -> torch.Tensor:
     """One forward pass: crops ``[N,3,S,S]`` in 0..1 on the model's device -> restored crops
-    (float32, 0..1), mixed with the input by ``strength``.
+    (float32, 0..1), mixed with the input by ``strength``. The crops are mapped to the model's
+    ``input_range`` and back; ``fidelity`` goes to models that have one.
 
     The model runs compiled if ``execution.enable_compile`` was called on it; ``pad_to`` pads the
     batch with blank faces to that size first (one shape per compiled graph). A half-precision
@@ -106,20 +104,22 @@ def restore_batch(model: FullGenerator, crops: torch.Tensor, strength: float, dt
     count = crops.shape[0]
     with torch.inference_mode():
         # NHWC: 1.3x faster on CPU for one 512 face (python -m gpen.bench), same result.
-        x = (crops * 2.0 - 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
+        low, high = model.input_range
+        x = (crops * (high - low) + low).to(dtype).contiguous(memory_format=torch.channels_last)
         if count < pad_to:
             x = torch.cat((x, x.new_zeros((pad_to - count, *x.shape[1:])))).contiguous(
                 memory_format=torch.channels_last)
-        out = execution.forward_of(model)(x)[:count]
+        extra = (fidelity,) if model.has_fidelity else ()
+        out = execution.forward_of(model)(x, *extra)[:count]
         if dtype != torch.float32 and not torch.isfinite(out).all():
             logger.warning("GPEN: the %s output of a batch of %d face(s) is not finite (an overflow); "
                            "running it again in fp32.", str(dtype).removeprefix("torch."), count)
-            out = execution.fp32_rerun(model, x[:count])
-        restored = ((out.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
+            out = execution.fp32_rerun(model, x[:count], *extra)
+        restored = ((out.float() - low) / (high - low)).clamp_(0.0, 1.0)
         return torch.lerp(crops.float(), restored, strength) if strength < 1.0 else restored
 
 
-def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
+def restore_crops(model: FaceModel, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   on_progress: FaceProgress | None = None) -> torch.Tensor:
     """Restore crops ``[N,3,S,S]`` (0..1, on any device) on ``device`` in batches of at most
@@ -149,7 +149,7 @@ def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOpt
         try:
             with execution.layer_steps(model, within_batch) if on_progress else contextlib.nullcontext():
                 restored = restore_batch(model, chunk.to(device), options.strength, dtype,
-                                         pad_to=batch_size if compiled else 0)
+                                         pad_to=batch_size if compiled else 0, fidelity=options.fidelity)
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -162,7 +162,7 @@ def restore_crops(model: FullGenerator, crops: torch.Tensor, options: RestoreOpt
     return out
 
 
-def restore(model: FullGenerator, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
+def restore(model: FaceModel, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             on_progress: FaceProgress | None = None) -> torch.Tensor:
     """``restore_crops`` for an IMAGE batch of aligned crops; returns an IMAGE batch."""

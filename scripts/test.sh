@@ -17,6 +17,10 @@ fi
 "$py" -c "import pytest, skimage, playwright" 2>/dev/null || \
   "$py" -m pip install --disable-pip-version-check -q pytest scikit-image playwright 2>&1 | \
   { grep -v "is ignored: it is neither a file" || true; }
+# CodeFormer's optional architecture package, so its tests run.
+"$py" -c "import spandrel_extra_arches" 2>/dev/null || "$py" -m pip install --disable-pip-version-check -q \
+  -c <("$py" -c "from importlib.metadata import version; print('torch==' + version('torch'))") \
+  spandrel_extra_arches 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
 "$py" -c "import ray.data" 2>/dev/null || "$py" -m pip install --disable-pip-version-check -q "ray[data]==2.60.*" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
 cd "$pack"
 HOST_TESTS=(tests/test_host.py tests/test_video_node.py tests/test_trim.py tests/test_ux.py tests/test_ui.py

@@ -175,7 +175,7 @@ def run(spec: dict) -> dict:
     patcher = nodes.generator_patcher(model)
     gpu.modules.append(model)
     result["model_mib"] = patcher.model_size() / 2**20
-    result["per_face_mib"] = nodes.pipeline.activation_bytes(model.config, dtype) / 2**20
+    result["per_face_mib"] = nodes.activation_bytes(model, dtype) / 2**20
     sd = None
     if spec.get("sd_gib"):  # a diffusion model loaded first, as in a txt2img -> GPEN workflow
         sd_model = dummy_diffusion_model(spec["sd_gib"])

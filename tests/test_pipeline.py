@@ -134,6 +134,9 @@ def test_mismatched_inputs_are_named(astro, mtcnn):
 class _FlakyMemory(torch.nn.Module):
     """Stands in for a GPU that only fits one face: larger batches raise CUDA's OOM error."""
 
+    input_range = (-1.0, 1.0)
+    has_fidelity = False
+
     def __init__(self):
         super().__init__()
         self.batches = []
@@ -161,6 +164,11 @@ def test_strength_mixes_with_the_input():
 
 
 class _Negate(torch.nn.Module):
+    """A stand-in restorer: declares what every face model does (``restorers.FaceModel``)."""
+
+    input_range = (-1.0, 1.0)
+    has_fidelity = False
+
     def forward(self, x):
         return -x
 

@@ -1,0 +1,169 @@
+"""Every face restorer behind one interface: GPEN (our own generator) and the face models spandrel
+reads (GFPGAN v1.x clean, RestoreFormer; CodeFormer where spandrel_extra_arches is installed).
+
+Each model declares what alignment, paste-back and precision need -- ``size``, ``template`` (the
+five landmark targets at that size), ``input_range``, ``supports_fp16`` / ``supports_bf16`` and
+``has_fidelity`` -- so no caller asks which architecture it holds. Files are read by our own
+weights-only reader; spandrel only ever sees the tensors (it would unpickle files itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .loader import (ModelLoadError, canonicalize, identify_foreign, is_gpen, load_gpen_state_dict,
+                     read_state_dict)
+
+logger = logging.getLogger(__name__)
+
+# The 512 FFHQ five-point template GFPGAN, CodeFormer and RestoreFormer were trained on
+# (facexlib.utils.face_restoration_helper.FaceRestoreHelper.face_template).
+FFHQ_TEMPLATE_512 = np.array([
+    [192.98138, 239.94708],
+    [318.90277, 240.19360],
+    [256.63416, 314.01935],
+    [201.26117, 371.41043],
+    [313.08905, 371.15118],
+])
+FACE_ARCHES = ("GFPGAN", "RestoreFormer", "CodeFormer")
+SUPPORTED = "GPEN-BFR (512/1024/2048), GFPGAN v1.x (clean), RestoreFormer, CodeFormer"
+CODEFORMER_NOTE = ("CodeFormer needs the optional package spandrel_extra_arches (pip install "
+                   "spandrel_extra_arches; CodeFormer's licence is non-commercial)")
+# Peak live activation bytes of one 512 face in fp32: a rough upper guess, not yet measured
+# (to do: gpen.bench's PeakLiveBytes per arch); other precisions scale by element size.
+ACTIVATION_BYTES_FP32 = {"GFPGAN": 110 << 20, "RestoreFormer": 150 << 20, "CodeFormer": 150 << 20}
+
+
+class FaceModel(Protocol):
+    """What every restorer offers (FullGenerator and SpandrelFace both do)."""
+
+    name: str
+    size: int
+    input_range: tuple[float, float]
+    supports_fp16: bool
+    supports_bf16: bool
+    has_fidelity: bool
+
+    @property
+    def template(self) -> np.ndarray: ...
+
+    def __call__(self, x: torch.Tensor, *fidelity: float) -> torch.Tensor: ...
+
+
+class SpandrelFace(nn.Module):
+    """A spandrel face model: its network as ``net`` and one ``forward(x, fidelity)`` returning
+    the restored face in ``input_range`` (-1..1), deterministic (GFPGAN's fixed noise buffers)."""
+
+    input_range = (-1.0, 1.0)
+    size = 512
+
+    def __init__(self, descriptor) -> None:
+        super().__init__()
+        self.net = descriptor.model
+        self.name = str(descriptor.architecture.id)
+        self.supports_fp16 = bool(descriptor.supports_half)
+        self.supports_bf16 = bool(descriptor.supports_bfloat16)
+        self.has_fidelity = self.name == "CodeFormer"
+
+    @property
+    def template(self) -> np.ndarray:
+        return FFHQ_TEMPLATE_512
+
+    def activation_bytes(self, dtype: torch.dtype) -> int:
+        return ACTIVATION_BYTES_FP32[self.name] * torch.finfo(dtype).bits // 32
+
+    def to_channels_last(self) -> SpandrelFace:
+        """Left in NCHW: these arches ``view`` their feature maps, which NHWC tensors cannot."""
+        return self
+
+    def forward(self, x: torch.Tensor, fidelity: float = 0.5) -> torch.Tensor:
+        x = x.contiguous()  # the pipeline hands NHWC batches (GPEN's layout)
+        if self.name == "CodeFormer":
+            return self.net(x, weight=fidelity)[0]
+        if self.name == "GFPGAN":
+            return self.net(x, return_rgb=False, randomize_noise=False)[0]
+        return self.net(x)[0]
+
+
+def _registry():
+    """spandrel's architectures plus, where installed, spandrel_extra_arches' (CodeFormer), in a
+    registry of our own: the global one ComfyUI may extend itself is left alone."""
+    from spandrel import MAIN_REGISTRY
+
+    registry = MAIN_REGISTRY.copy()
+    try:
+        from spandrel_extra_arches import EXTRA_REGISTRY
+    except ImportError:
+        return registry
+    registry.add(*(arch for arch in EXTRA_REGISTRY if arch.architecture.id not in registry))
+    return registry
+
+
+def has_codeformer() -> bool:
+    return "CodeFormer" in _registry()
+
+
+def load_face_model(source: str | Path | Mapping, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, bf16_ok: bool = True) -> nn.Module:
+    """The restorer in ``source`` (a file or a state dict), eval mode, frozen, on ``device`` in
+    ``dtype`` (lowered to what the architecture supports: ``supported_dtype``)."""
+    if isinstance(source, Mapping):
+        name, raw = "state dict", source
+    else:
+        name, raw = Path(source).name, read_state_dict(source, fix=f"Supported: {SUPPORTED}.")
+    state_dict = canonicalize(raw, name)
+    if is_gpen(state_dict):
+        return load_gpen_state_dict(state_dict, name, device, dtype)
+    model = SpandrelFace(_spandrel_descriptor(state_dict, name))
+    dtype = supported_dtype(model, dtype, bf16_ok)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _spandrel_descriptor(state_dict: dict[str, torch.Tensor], name: str):
+    from spandrel import ModelLoader, UnsupportedModelError
+
+    foreign = identify_foreign(state_dict)
+    try:
+        descriptor = ModelLoader(registry=_registry()).load_from_state_dict(state_dict)
+    except UnsupportedModelError:
+        if foreign and "CodeFormer" in foreign and not has_codeformer():
+            raise ModelLoadError(f"{name} is CodeFormer: {CODEFORMER_NOTE}.") from None
+        what = f"it looks like {foreign}" if foreign else f"no known architecture matches its {len(state_dict)} tensors"
+        raise ModelLoadError(f"{name} is not a face restorer this pack runs: {what}. Supported: {SUPPORTED}.") from None
+    except Exception as error:  # an arch matched but its tensors do not fit it: spandrel raises many types
+        what = foreign or "a known architecture"
+        raise ModelLoadError(f"{name} looks like {what} but its tensors do not fit it ({type(error).__name__}: "
+                             f"{error}); the file is incomplete or modified. Download it again.") from None
+    arch = str(descriptor.architecture.id)
+    if arch not in FACE_ARCHES:
+        raise ModelLoadError(f"{name} is a {descriptor.architecture.name} model ({descriptor.purpose}), not a "
+                             f"face restorer: load it with Load Upscale Model. Supported here: {SUPPORTED}.")
+    return descriptor
+
+
+def supported_dtype(model: FaceModel, dtype: torch.dtype, bf16_ok: bool = True) -> torch.dtype:
+    """``dtype``, or the nearest precision ``model``'s architecture runs in (fp16 -> bf16 where
+    the device has it, ``bf16_ok`` -> fp32)."""
+    if dtype == torch.float16 and not model.supports_fp16:
+        dtype = torch.bfloat16 if model.supports_bf16 and bf16_ok else torch.float32
+        logger.info("GPEN: %s does not run in fp16; using %s.", model.name, str(dtype).removeprefix("torch."))
+    if dtype == torch.bfloat16 and not model.supports_bf16:
+        dtype = torch.float32
+        logger.info("GPEN: %s does not run in bf16; using fp32.", model.name)
+    return dtype
+
+
+def activation_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Peak memory one face needs in a forward (weights excluded), for the batch-size cap."""
+    from .arch import FullGenerator, peak_activation_bytes
+
+    if isinstance(model, FullGenerator):
+        return peak_activation_bytes(model.config, dtype)
+    return model.activation_bytes(dtype)
