@@ -95,7 +95,9 @@ def test_fine_detail_is_averaged_not_aliased(name, size, request, mtcnn):
 
 def test_paste_cost_follows_the_face_not_the_model(frame_1080p, mtcnn):
     """A 2048 crop is 16x the pixels of a 512 one, but it is reduced to the face's footprint
-    first: pasting it costs at most twice as much (best of interleaved runs, one process)."""
+    first: pasting it costs at most 3x as much (best of interleaved runs, one process). Without
+    the reduction it cost 7.5x (552 against 74 ms); with it 1.7-2.1x, depending on the CPU's
+    load, since the reduction itself still reads all 16x the pixels."""
     faces = pipeline.detect(frame_1080p, mtcnn)
     jobs = {size: pipeline.align(frame_1080p, faces, size) for size in (512, 2048)}
     best = {size: float("inf") for size in jobs}
@@ -106,7 +108,7 @@ def test_paste_cost_follows_the_face_not_the_model(frame_1080p, mtcnn):
             best[size] = min(best[size], time.perf_counter() - start)
     print(f"paste at 1080p: 512 {1000 * best[512]:.0f} ms, 2048 {1000 * best[2048]:.0f} ms, "
           f"ratio {best[2048] / best[512]:.2f}")
-    assert best[2048] <= 2.0 * best[512]
+    assert best[2048] <= 3.0 * best[512]
 
 
 def high_band_energy(image: np.ndarray, center: tuple[int, int], cutoff: float = 0.28) -> float:
