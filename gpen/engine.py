@@ -9,8 +9,6 @@ nodes call the same step functions (``pipeline.align_frame``, ``restore_crops``,
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
 import queue
 import threading
@@ -24,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from . import execution
+from . import execution, heap, threads
 from . import image as im
 from .faces import DETECT_BATCH, Detector, Face
 from .options import DetectOptions, PasteOptions, RestoreOptions
@@ -142,27 +140,31 @@ class FrameEngine:
         smoothing run continuously over the whole stream. Closing the iterator early (cancel)
         stops the worker threads."""
         self.finder = FaceFinder(self.restorer.detector, self.detect_options)
-        detected = ahead(self._detect(frames, self.finder), self.window)
-        restored = ahead(self._restore(detected), self.window)
-        for count, work in enumerate(restored, start=1):
-            yield self._paste(work)
-            if count % TRIM_EVERY == 0:
-                release_freed_memory()
+        with heap.reuse_freed_memory():
+            detected = ahead(self._detect(frames, self.finder), self.window)
+            restored = ahead(self._restore(detected), self.window)
+            for count, work in enumerate(restored, start=1):
+                with threads.on_this_thread_only():
+                    pasted = self._paste(work)
+                yield pasted
+                if count % TRIM_EVERY == 0:
+                    heap.release_freed_memory()
 
     def _detect(self, frames: Iterable[Frame], finder: FaceFinder) -> Iterator[Frame]:
         """Decode and detect a few frames at a time, so whole-frame searches run in batches."""
         source = iter(frames)
-        while True:
-            start = time.perf_counter()
-            chunk = list(itertools.islice(source, DETECT_BATCH))
-            self.timings["decode"] += time.perf_counter() - start
-            if not chunk:
-                return
-            start = time.perf_counter()
-            for frame, faces in zip(chunk, finder.frames([frame.rgb for frame in chunk])):
-                frame.faces = faces
-            self.timings["detect"] += time.perf_counter() - start
-            yield from chunk
+        with threads.on_this_thread_only():  # detection, alignment, paste-back: one core each
+            while True:
+                start = time.perf_counter()
+                chunk = list(itertools.islice(source, DETECT_BATCH))
+                self.timings["decode"] += time.perf_counter() - start
+                if not chunk:
+                    return
+                start = time.perf_counter()
+                for frame, faces in zip(chunk, finder.frames([frame.rgb for frame in chunk])):
+                    frame.faces = faces
+                self.timings["detect"] += time.perf_counter() - start
+                yield from chunk
 
     def _restore(self, frames: Iterable[Frame]) -> Iterator[_Work]:
         """Align each frame's faces on the device and restore them in batches that span frames."""
@@ -172,9 +174,10 @@ class FrameEngine:
             work = _Work(frame)
             if frame.faces or self.paste_options.upscale != 1.0:
                 start = time.perf_counter()
-                work.pixels = im.from_uint8(frame.rgb, self.restorer.device)
-                work.crops, work.affines = align_frame(work.pixels, frame.faces, self.restorer.model.size,
-                                                         self.restorer.model.template)
+                with threads.on_this_thread_only():
+                    work.pixels = im.from_uint8(frame.rgb, self.restorer.device)
+                    work.crops, work.affines = align_frame(work.pixels, frame.faces, self.restorer.model.size,
+                                                             self.restorer.model.template)
                 self.timings["align"] += time.perf_counter() - start
             pending.append(work)
             waiting_faces += len(frame.faces)
@@ -207,24 +210,6 @@ class FrameEngine:
         frame.output = im.to_uint8(result)
         self.timings["paste"] += time.perf_counter() - start
         return frame
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the system. glibc keeps the frame-sized blocks a video's
-    frames pass through in its heaps (and the worker threads' arenas), fragmented, so a server's
-    memory would creep up over a long video (measured: 1.3 -> 1.6 GB over 1,200 720p frames);
-    trimming every few dozen frames keeps it flat. Does nothing elsewhere."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def ahead(items: Iterable[T], depth: int) -> Iterator[T]:

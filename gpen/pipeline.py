@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from . import execution
+from . import execution, heap
 from . import image as im
 from .align import affine_scale, alignment, cut_crop, resize
 from .faces import DETECT_BATCH, Detector, Face, FaceSet
@@ -141,24 +141,25 @@ def restore_crops(model: FaceModel, crops: torch.Tensor, options: RestoreOptions
     out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
     start = 0
     batch_size = 1 << (options.batch_size.bit_length() - 1) if compiled else options.batch_size
-    while start < total:
-        chunk = crops[start:start + batch_size]
+    with heap.reuse_freed_memory():  # a forward's large blocks kept for the next batch
+        while start < total:
+            chunk = crops[start:start + batch_size]
 
-        def within_batch(done: int, steps: int, first: int = start, count: int = chunk.shape[0]) -> None:
-            on_progress(first + count * done / steps, total)
-        try:
-            with execution.layer_steps(model, within_batch) if on_progress else contextlib.nullcontext():
-                restored = restore_batch(model, chunk.to(device), options.strength, dtype,
-                                         pad_to=batch_size if compiled else 0, fidelity=options.fidelity)
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2
-            continue
-        out[start:start + chunk.shape[0]] = restored
-        start += chunk.shape[0]
-        if on_progress:
-            on_progress(start, total)
+            def within_batch(done: int, steps: int, first: int = start, count: int = chunk.shape[0]) -> None:
+                on_progress(first + count * done / steps, total)
+            try:
+                with execution.layer_steps(model, within_batch) if on_progress else contextlib.nullcontext():
+                    restored = restore_batch(model, chunk.to(device), options.strength, dtype,
+                                             pad_to=batch_size if compiled else 0, fidelity=options.fidelity)
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                continue
+            out[start:start + chunk.shape[0]] = restored
+            start += chunk.shape[0]
+            if on_progress:
+                on_progress(start, total)
     return out
 
 
