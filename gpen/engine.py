@@ -2,7 +2,8 @@
 
 Detection runs ahead of the model on a worker thread and paste-back behind it on another, and
 faces from several frames share one forward pass, so the model's device does not wait on the
-CPU. A frame is uploaded to the model's device once (as 8-bit) and comes back once, finished.
+CPU. A frame is uploaded to the model's device once and waits there as 8-bit (float only while
+aligned or pasted), and comes back once, finished.
 The video node, the command line and the cluster runner all run this engine; the IMAGE-batch
 nodes call the same step functions (``pipeline.align_frame``, ``restore_crops``, ``paste_frame``).
 """
@@ -109,7 +110,7 @@ class _Work:
     """A frame between the model stage and paste-back."""
 
     frame: Frame
-    pixels: torch.Tensor | None = None  # [3,H,W] on the device
+    uploaded: torch.Tensor | None = None  # HxWx3 uint8 on the device (float only while used)
     crops: torch.Tensor | None = None  # unrestored, [N,3,S,S]
     affines: list[np.ndarray] = field(default_factory=list)
     restored: torch.Tensor | None = None
@@ -175,8 +176,9 @@ class FrameEngine:
             if frame.faces or self.paste_options.upscale != 1.0:
                 start = time.perf_counter()
                 with threads.on_this_thread_only():
-                    work.pixels = im.from_uint8(frame.rgb, self.restorer.device)
-                    work.crops, work.affines = align_frame(work.pixels, frame.faces, self.restorer.model.size,
+                    work.uploaded = im.upload(frame.rgb, self.restorer.device)
+                    work.crops, work.affines = align_frame(im.from_uint8(work.uploaded, self.restorer.device),
+                                                             frame.faces, self.restorer.model.size,
                                                              self.restorer.model.template)
                 self.timings["align"] += time.perf_counter() - start
             pending.append(work)
@@ -200,12 +202,13 @@ class FrameEngine:
 
     def _paste(self, work: _Work) -> Frame:
         frame = work.frame
-        if work.pixels is None:
+        if work.uploaded is None:
             frame.output = frame.rgb
             return frame
         start = time.perf_counter()
         restored = list(work.restored) if work.restored is not None else []
-        result, _ = paste_frame(work.pixels, restored, list(work.crops), work.affines, self.paste_options,
+        pixels = im.from_uint8(work.uploaded, self.restorer.device)
+        result, _ = paste_frame(pixels, restored, list(work.crops), work.affines, self.paste_options,
                                 self.restorer.upscaler, self.restorer.parser)
         frame.output = im.to_uint8(result)
         self.timings["paste"] += time.perf_counter() - start

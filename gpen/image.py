@@ -38,10 +38,17 @@ def frame_uint8(image: torch.Tensor, index: int) -> np.ndarray:
     return to_uint8(frame_tensor(image, index))
 
 
-def from_uint8(rgb: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """An 8-bit HxWx3 RGB picture as float32 ``[3,H,W]`` in 0..1 on ``device`` (sent as 8-bit:
-    a quarter of the bytes of float)."""
-    return (torch.from_numpy(np.ascontiguousarray(rgb)).to(device).movedim(-1, 0).float() / 255.0)
+def upload(rgb: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """An 8-bit HxWx3 RGB picture on ``device``, still 8-bit: a quarter of the bytes of float, so
+    frames wait between stages in this form (on the CPU it shares the array's memory)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).to(device)
+
+
+def from_uint8(rgb: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """An 8-bit HxWx3 RGB picture (an array, or one ``upload`` put on ``device``) as float32
+    ``[3,H,W]`` in 0..1 on ``device``."""
+    pixels = rgb if isinstance(rgb, torch.Tensor) else upload(rgb, device)
+    return pixels.to(device).movedim(-1, 0).float() / 255.0
 
 
 def to_uint8(frame: torch.Tensor) -> np.ndarray:
