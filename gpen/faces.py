@@ -28,7 +28,11 @@ DETECT_SHRINK_TO = 1000
 DETECT_MIN_SIDE = 20  # MTCNN finds nothing smaller (its minimum face size), and crashes on it
 NEAR_FACE_SIZE = 112  # face size for re-detection in a window around a tracked face
 NEAR_MIN_FACE = 0.5  # ... where faces under half the tracked face's size are not looked for
-DETECT_BATCH = 8  # consecutive frames whose whole-frame searches run as one batch
+DETECT_BATCH = 8  # consecutive frames whose whole-frame searches may run as one batch
+# ... as long as they hold at most this many pixels (as searched): MTCNN's working memory grows
+# by about 75 MB per 720p frame of a batch (462 MB for 8), and a batch pays on a GPU only for
+# frames too small to keep it busy.
+DETECT_BATCH_PIXELS = 1_000_000
 
 
 class DetectorError(ValueError):
@@ -253,8 +257,11 @@ def detect_frames(detector: Detector, rgbs: Sequence[np.ndarray], threshold: flo
     found: list[list[Face]] = [[] for _ in rgbs]
     for (height, width, *_), indices in by_shape.items():
         scale = DETECT_SHRINK_TO / max(height, width) if max(height, width) > DETECT_MAX_SIDE else 1.0
-        for index, faces in zip(indices, _detect_scaled(detector, [rgbs[i] for i in indices], threshold, scale)):
-            found[index] = faces
+        per_batch = max(1, int(DETECT_BATCH_PIXELS // (height * width * scale * scale)))
+        for start in range(0, len(indices), per_batch):
+            batch = indices[start:start + per_batch]
+            for index, faces in zip(batch, _detect_scaled(detector, [rgbs[i] for i in batch], threshold, scale)):
+                found[index] = faces
     return found
 
 

@@ -216,6 +216,25 @@ def test_whole_frame_searches_run_as_one_batch(astro, mtcnn, monkeypatch):
         assert np.abs(one[0].landmarks - batched[0].landmarks).max() < 1e-2
 
 
+def test_whole_frame_batches_are_bounded_by_their_pixels(mtcnn, monkeypatch):
+    """A batch holds at most DETECT_BATCH_PIXELS (MTCNN's memory grows by about 75 MB with each
+    720p frame of a batch): 720p frames are searched one at a time, 360p ones four at a time."""
+    from gpen.faces import DETECT_BATCH_PIXELS
+
+    calls = []
+    original = type(mtcnn).detect_batch
+
+    def counted(self, rgbs, threshold, min_face=0.0):
+        calls.append(len(rgbs))
+        return original(self, rgbs, threshold, min_face)
+    monkeypatch.setattr(type(mtcnn), "detect_batch", counted)
+    pipeline.detect(torch.full((3, 720, 1280, 3), 0.5), mtcnn)
+    assert calls == [1, 1, 1] and 1280 * 720 <= DETECT_BATCH_PIXELS < 2 * 1280 * 720
+    calls.clear()
+    pipeline.detect(torch.full((5, 360, 640, 3), 0.5), mtcnn)
+    assert calls == [4, 1]
+
+
 def test_redetection_window_cut_by_the_frame_edge(astro, mtcnn):
     """A tracked face that has mostly left the frame: its window is narrower than the face sizes
     re-detection looks for, which must find nothing rather than fail."""
