@@ -366,6 +366,18 @@ def print_floor(sizes: list[int], batches: list[int], device: torch.device, dtyp
         print(f"floor: GPEN-{size} {gflop:.0f} GFLOP/face; {floors}")
 
 
+def graph_breaks(size: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(graphs, graph breaks) torch.compile makes of the forward (``torch._dynamo.explain``: traced,
+    not compiled), for the report: a break would split the forward and run the pieces between
+    graphs eager."""
+    torch.manual_seed(0)
+    model = FullGenerator(GPENConfig(size)).eval().requires_grad_(False).to(device=device, dtype=dtype)
+    x = torch.zeros(1, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model.to_channels_last())(x)
+    return explained.graph_count, explained.graph_break_count
+
+
 def timed_median(run: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
     """Median seconds of ``repeats`` calls after one warm-up call, and the last output."""
     out = run()
@@ -588,6 +600,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"median of {args.repeats} rounds after the first call, paths interleaved (best: fastest round)")
     if device.type != "meta":
         print_floor(sizes, args.batches, device, [path.dtype for path in paths])
+    if args.compile:
+        graphs, breaks = graph_breaks(sizes[0], device, paths[-1].dtype)
+        print(f"torch.compile of GPEN-{sizes[0]}: {graphs} graph(s), {breaks} graph break(s)")
     print(HEADER)
     return bench(sizes, args.batches, device, paths, args.repeats)
 

@@ -84,3 +84,12 @@ def test_too_many_graphs_fall_back_to_eager_with_a_log_line(monkeypatch, caplog)
         assert "running the model eager instead" in caplog.text
         for x, out in zip(shapes, outputs):
             assert (out - model(x)).abs().max().item() < 1e-5
+
+
+def test_the_forward_compiles_to_one_graph_without_breaks():
+    """A break (a Python-side branch on a tensor, an unsupported call) would split the forward
+    into graphs with eager code between them; the bench prints the same count at full size."""
+    from gpen.bench import graph_breaks
+
+    assert graph_breaks(32, torch.device("cpu"), torch.float32) == (1, 0)
+    assert graph_breaks(32, torch.device("cpu"), torch.bfloat16) == (1, 0)
