@@ -141,15 +141,18 @@ class FrameEngine:
         smoothing run continuously over the whole stream. Closing the iterator early (cancel)
         stops the worker threads."""
         self.finder = FaceFinder(self.restorer.detector, self.detect_options)
-        with heap.reuse_freed_memory():
-            detected = ahead(self._detect(frames, self.finder), self.window)
-            restored = ahead(self._restore(detected), self.window)
+        detected = ahead(self._detect(frames, self.finder), self.window)
+        restored = ahead(self._restore(detected), self.window)
+        try:
             for count, work in enumerate(restored, start=1):
                 with threads.on_this_thread_only():
                     pasted = self._paste(work)
                 yield pasted
                 if count % TRIM_EVERY == 0:
                     heap.release_freed_memory()
+        finally:
+            restored.close()  # the worker threads end (and their frames are freed) before the trim
+            heap.release_freed_memory()
 
     def _detect(self, frames: Iterable[Frame], finder: FaceFinder) -> Iterator[Frame]:
         """Decode and detect a few frames at a time, so whole-frame searches run in batches."""

@@ -8,6 +8,7 @@ file is a clear error naming the folder, file and official URL, never a download
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,14 @@ DETECT_SHRINK_TO = 1000
 DETECT_MIN_SIDE = 20  # MTCNN finds nothing smaller (its minimum face size), and crashes on it
 NEAR_FACE_SIZE = 112  # face size for re-detection in a window around a tracked face
 NEAR_MIN_FACE = 0.5  # ... where faces under half the tracked face's size are not looked for
+# oneDNN (the CPU convolutions) builds and keeps a primitive for every input shape it meets, up to
+# 1,024 of them: re-detection windows of ever-new sizes and MTCNN's ever-new numbers of candidate
+# faces grew a server by ~150 MB over a long video. So a resized window (at most twice
+# NEAR_FACE_SIZE, plus rounding) reaches the detector at the top left of a black square of
+# NEAR_CANVAS pixels, its smallest face size is rounded down to a multiple of NEAR_FACE_STEP, and
+# MTCNN's candidate batches are padded to powers of two: a bounded set of shapes.
+NEAR_CANVAS = 2 * NEAR_FACE_SIZE + 8
+NEAR_FACE_STEP = 8
 DETECT_BATCH = 8  # consecutive frames whose whole-frame searches may run as one batch
 # ... as long as they hold at most this many pixels (as searched): MTCNN's working memory grows
 # by about 75 MB per 720p frame of a batch (462 MB for 8), and a batch pays on a GPU only for
@@ -185,8 +194,8 @@ class MTCNNDetector(Detector):
         # The pyramid has a level only while its picture is at least the smallest face size.
         smallest = min(max(net.min_face_size, min_face), min(rgbs[0].shape[:2]))
         with torch.no_grad():
-            all_boxes, all_points = detect_face(np.stack(rgbs), smallest, net.pnet, net.rnet, net.onet,
-                                                net.thresholds, net.factor, net.device)
+            all_boxes, all_points = detect_face(np.stack(rgbs), smallest, net.pnet, PowerOfTwoBatches(net.rnet),
+                                                PowerOfTwoBatches(net.onet), net.thresholds, net.factor, net.device)
         found = []
         for boxes, points in zip(all_boxes, all_points):
             faces = [Face(box=tuple(float(v) for v in box[:4]), score=float(box[4]),
@@ -195,6 +204,22 @@ class MTCNNDetector(Detector):
                      if box[4] >= threshold]
             found.append(sorted(faces, key=lambda face: -face.area))  # largest first, as MTCNN.detect
         return found
+
+
+class PowerOfTwoBatches:
+    """A per-face network (MTCNN's refinement stages) run on its batch padded with blank faces to
+    the next power of two, the padding's outputs dropped: the same results, and a few batch shapes
+    for oneDNN to keep a primitive of instead of one per number of candidates."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        count = batch.shape[0]
+        padded = 1 << (count - 1).bit_length() if count else 0
+        if padded != count:
+            batch = torch.cat((batch, batch.new_zeros((padded - count, *batch.shape[1:]))))
+        return tuple(out[:count] for out in self.net(batch))
 
 
 def retinaface_path(detector: str, model_dirs: Sequence[str | Path]) -> Path:
@@ -229,21 +254,26 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _detect_scaled(detector: Detector, rgbs: list[np.ndarray], threshold: float, scale: float,
-                   origin: tuple[float, float] = (0.0, 0.0), min_face: float = 0.0) -> list[list[Face]]:
-    """Detect on each of ``rgbs`` (one size) resized by ``scale``, in one batch; faces in the
-    coordinates of the image they were cut from at ``origin``; ``min_face`` in pixels of the
-    resized images."""
+def _detect_scaled(detector: Detector, rgbs: list[np.ndarray], threshold: float, size: tuple[int, int],
+                   origin: tuple[float, float] = (0.0, 0.0), min_face: float = 0.0,
+                   canvas: int = 0) -> list[list[Face]]:
+    """Detect on each of ``rgbs`` (one size) resized to ``size`` (width, height), in one batch;
+    faces in the coordinates of the image they were cut from at ``origin``; ``min_face`` in
+    pixels of the resized images. With ``canvas``, each resized picture is detected at the top
+    left of a black square of that side instead, so pictures of any size reach the detector at
+    one size."""
     height, width = rgbs[0].shape[:2]
-    if scale != 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size != (width, height):
         rgbs = [cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) for rgb in rgbs]
-    if min(rgbs[0].shape[:2]) < DETECT_MIN_SIDE:
+    if min(size) < DETECT_MIN_SIDE:
         return [[] for _ in rgbs]
+    if canvas:
+        rgbs = [cv2.copyMakeBorder(rgb, 0, canvas - size[1], 0, canvas - size[0], cv2.BORDER_CONSTANT, value=0)
+                for rgb in rgbs]
+    scale = np.array([size[0] / width, size[1] / height])
     shift = np.asarray(origin)
     found = detector.detect_batch([np.ascontiguousarray(rgb) for rgb in rgbs], threshold, min_face)
-    return [[replace(f, box=(f.box[0] / scale + shift[0], f.box[1] / scale + shift[1],
-                             f.box[2] / scale + shift[0], f.box[3] / scale + shift[1]),
+    return [[replace(f, box=tuple((np.reshape(f.box, (2, 2)) / scale + shift).ravel().tolist()),
                      landmarks=f.landmarks / scale + shift) for f in faces]
             for faces in found]
 
@@ -257,10 +287,11 @@ def detect_frames(detector: Detector, rgbs: Sequence[np.ndarray], threshold: flo
     found: list[list[Face]] = [[] for _ in rgbs]
     for (height, width, *_), indices in by_shape.items():
         scale = DETECT_SHRINK_TO / max(height, width) if max(height, width) > DETECT_MAX_SIDE else 1.0
-        per_batch = max(1, int(DETECT_BATCH_PIXELS // (height * width * scale * scale)))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        per_batch = max(1, DETECT_BATCH_PIXELS // (size[0] * size[1]))
         for start in range(0, len(indices), per_batch):
             batch = indices[start:start + per_batch]
-            for index, faces in zip(batch, _detect_scaled(detector, [rgbs[i] for i in batch], threshold, scale)):
+            for index, faces in zip(batch, _detect_scaled(detector, [rgbs[i] for i in batch], threshold, size)):
                 found[index] = faces
     return found
 
@@ -279,8 +310,10 @@ def detect_near(detector: Detector, rgb: np.ndarray, box: tuple[float, ...], thr
     if right - left < DETECT_MIN_SIDE or bottom - top < DETECT_MIN_SIDE:
         return None
     scale = min(1.0, NEAR_FACE_SIZE / max(side, 1.0))
-    [found] = _detect_scaled(detector, [rgb[top:bottom, left:right]], threshold, scale, (left, top),
-                             min_face=NEAR_MIN_FACE * side * scale)
+    size = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
+    min_face = NEAR_FACE_STEP * math.floor(NEAR_MIN_FACE * side * scale / NEAR_FACE_STEP)
+    [found] = _detect_scaled(detector, [rgb[top:bottom, left:right]], threshold, size, (left, top), min_face,
+                             canvas=NEAR_CANVAS)
     best = max(found, key=lambda f: iou(f.box, box), default=None)
     return best if best is not None and iou(best.box, box) > 0 else None
 
