@@ -77,4 +77,3 @@ def reuse_freed_memory() -> Iterator[None]:
             _users -= 1
             if _users == 0:
                 _set_thresholds(STEADY_MMAP_THRESHOLD, STEADY_TRIM_THRESHOLD)
-                release_freed_memory()
