@@ -46,7 +46,7 @@ def declared() -> dict[str, str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for extra, items in project.get("optional-dependencies", {}).items():
         for item in items:
-            where[requirement_name(item)] = f"optional extra [{extra}]"
+            where.setdefault(requirement_name(item), f"optional extra [{extra}]")  # a requirement wins
     for name in HOST_PROVIDED:
         where[name] = "the ComfyUI host"
     return where
