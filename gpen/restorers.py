@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import types
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +75,8 @@ class SpandrelFace(nn.Module):
         self.has_fidelity = self.name == "CodeFormer"
         if self.name == "CodeFormer":
             self.net.quantize.get_codebook_feat = types.MethodType(_codebook_vectors, self.net.quantize)
+        if self.name == "CodeFormer":
+            self.net.quantize.get_codebook_feat = types.MethodType(_codebook_vectors, self.net.quantize)
 
     @property
     def template(self) -> np.ndarray:
@@ -93,6 +96,16 @@ class SpandrelFace(nn.Module):
         if self.name == "GFPGAN":
             return self.net(x, return_rgb=False, randomize_noise=False)[0]
         return self.net(x)[0]
+
+
+def _codebook_vectors(quantize: nn.Module, indices: torch.Tensor, shape: list[int] | None) -> torch.Tensor:
+    """CodeFormer's codebook lookup (``VectorQuantizer.get_codebook_feat``) as a plain embedding
+    lookup, so it runs in the weights' precision: the original multiplies a one-hot matrix it
+    makes in fp32 by the codebook weight, which fails in bf16 ("expected m1 and m2 to have the
+    same dtype"). Both give the codebook's own vectors exactly. The alternatives are slower on a
+    CPU with native bf16 (one 512 face: fp32-only about 4x, bf16 under autocast 1.35x)."""
+    vectors = torch.nn.functional.embedding(indices.reshape(-1), quantize.embedding.weight)
+    return vectors if shape is None else vectors.view(shape).permute(0, 3, 1, 2).contiguous()
 
 
 def _codebook_vectors(quantize: nn.Module, indices: torch.Tensor, shape: list[int] | None) -> torch.Tensor:

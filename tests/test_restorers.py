@@ -18,7 +18,7 @@ from spandrel.architectures.RestoreFormer import RestoreFormer
 from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
 
 from conftest import _evil_pickle
-from gpen import ModelLoadError, pipeline
+from gpen import FullGenerator, GPENConfig, ModelLoadError, pipeline
 from gpen.align import alignment
 from gpen.options import RestoreOptions
 from gpen.restorers import FFHQ_TEMPLATE_512, SpandrelFace, load_face_model
@@ -92,6 +92,82 @@ def test_precision_follows_the_architecture(released, requested, bf16_ok, expect
     _, _, _, safetensors = released
     model = load_face_model(safetensors, dtype=requested, bf16_ok=bf16_ok)
     assert {p.dtype for p in model.parameters()} == {expected}
+
+
+# Reduced precision against fp32 through restore_crops, the astronaut as the crop (output 0..1):
+# the (mean, 99th percentile) of |difference| allowed, about twice what was measured here (in
+# brackets). bf16 keeps 8 significant bits (a rounding is 0.2%), fp16 11. GPEN and GFPGAN are
+# continuous, so their error stays at a few roundings. RestoreFormer and CodeFormer pick one
+# codebook entry per 32x32 patch, and a rounding flips a near tie: RestoreFormer's random
+# codebook is tiny and almost equidistant from every feature (245 of 256 picks flip, the picture
+# hardly moves); CodeFormer flips 9 of 256 picks among large entries, the rest of its error
+# being that of a continuous net (test_codeformer_bf16_differs_from_fp32_by_its_code_picks).
+PRECISION_TOLERANCE = {
+    ("GPEN", torch.bfloat16): (0.006, 0.025),  # [0.0033, 0.0122]
+    ("GPEN", torch.float16): (0.001, 0.003),  # [0.0004, 0.0013]
+    ("GFPGAN", torch.bfloat16): (0.004, 0.015),  # [0.0018, 0.0073]
+    ("RestoreFormer", torch.bfloat16): (0.025, 0.15),  # [0.011, 0.073]
+    ("CodeFormer", torch.bfloat16): (0.1, 0.5),  # [0.055, 0.28]
+}
+
+
+def face_crop(astronaut, size: int = 512) -> torch.Tensor:
+    crop = torch.from_numpy(astronaut).permute(2, 0, 1)[None].float() / 255
+    return torch.nn.functional.interpolate(crop, size=size, mode="area") if size != 512 else crop
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(mean, 99th percentile) of |a - b|."""
+    error = (a - b).abs().flatten()
+    return error.mean().item(), error.quantile(0.99).item()
+
+
+@pytest.mark.parametrize("name", ["GPEN", *ARCHES])
+def test_reduced_precision_restores_as_fp32_does(name, build, astronaut):
+    """bf16, and fp16 where asked (GPEN runs it; the others run bf16 instead), through the
+    pipeline's restore step, against fp32: within PRECISION_TOLERANCE, finite, and not fp32's
+    own result (the reduced precision really ran). GPEN is a small random generator (fp16
+    convolutions are emulated on a CPU: 512 would take minutes)."""
+    if name == "GPEN":
+        torch.manual_seed(0)
+        source, crops = FullGenerator(GPENConfig(128, narrow=1 / 8)).state_dict(), face_crop(astronaut, 128)
+    else:
+        source, crops = build(name)[3], face_crop(astronaut)
+    options = RestoreOptions(fidelity=0.5)
+    reference = pipeline.restore_crops(load_face_model(source), crops, options)
+    outputs = {}
+    for requested in (torch.bfloat16, torch.float16):
+        model = load_face_model(source, dtype=requested)
+        dtype = next(model.parameters()).dtype
+        outputs[requested] = out = pipeline.restore_crops(model, crops, options, dtype=dtype)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert not torch.equal(out, reference)
+        mean, p99 = difference(out, reference)
+        print(f"{name} {requested} (runs {dtype}): mean {mean:.4f}, p99 {p99:.4f}")
+        if dtype == requested:
+            allowed_mean, allowed_p99 = PRECISION_TOLERANCE[name, dtype]
+            assert mean <= allowed_mean and p99 <= allowed_p99, (name, dtype, mean, p99)
+        else:  # fp16 asked of a model without it: the bf16 run, exactly
+            assert dtype == torch.bfloat16 and torch.equal(out, outputs[torch.bfloat16])
+
+
+def test_codeformer_bf16_differs_from_fp32_by_its_code_picks(build, astronaut):
+    """With fp32's codebook picks handed to the bf16 forward, CodeFormer in bf16 is as close to
+    fp32 as a continuous net: its larger free-running error is the few flipped picks."""
+    _, _, _, safetensors = build("CodeFormer")
+    crops = face_crop(astronaut)
+    fp32, bf16 = load_face_model(safetensors), load_face_model(safetensors, dtype=torch.bfloat16)
+    picks = []
+    lookup_fp32, lookup_bf16 = fp32.net.quantize.get_codebook_feat, bf16.net.quantize.get_codebook_feat
+    fp32.net.quantize.get_codebook_feat = lambda indices, shape: lookup_fp32(picks.append(indices) or indices, shape)
+    reference = pipeline.restore_crops(fp32, crops)
+    free = pipeline.restore_crops(bf16, crops, dtype=torch.bfloat16)
+    bf16.net.quantize.get_codebook_feat = lambda indices, shape: lookup_bf16(picks[0].view_as(indices), shape)
+    pinned = pipeline.restore_crops(bf16, crops, dtype=torch.bfloat16)
+    free_mean, _ = difference(free, reference)
+    mean, p99 = difference(pinned, reference)
+    print(f"CodeFormer bf16 with fp32's picks: mean {mean:.4f}, p99 {p99:.4f} (free: mean {free_mean:.4f})")
+    assert mean <= 0.025 and p99 <= 0.1 and mean < free_mean / 3
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".ckpt", ".bin"])
