@@ -186,7 +186,7 @@ class PeakLiveBytes(TorchDispatchMode):
         return self
 
 
-def measured_peak_bytes(model: FullGenerator, x: torch.Tensor) -> int:
+def measured_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Peak live bytes of one inference forward of ``x`` (the input counted, the weights not)."""
     tracker = PeakLiveBytes().ignore(*model.parameters(), *model.buffers())
     with torch.inference_mode(), tracker:

@@ -21,7 +21,8 @@ from conftest import _evil_pickle
 from gpen import FullGenerator, GPENConfig, ModelLoadError, pipeline
 from gpen.align import alignment
 from gpen.options import RestoreOptions
-from gpen.restorers import FFHQ_TEMPLATE_512, SpandrelFace, load_face_model
+from gpen.bench import measured_peak_bytes
+from gpen.restorers import FFHQ_TEMPLATE_512, SpandrelFace, activation_bytes, load_face_model
 
 ARCHES = {"GFPGAN": GFPGAN, "RestoreFormer": RestoreFormer, "CodeFormer": CodeFormer}
 
@@ -168,6 +169,30 @@ def test_codeformer_bf16_differs_from_fp32_by_its_code_picks(build, astronaut):
     mean, p99 = difference(pinned, reference)
     print(f"CodeFormer bf16 with fp32's picks: mean {mean:.4f}, p99 {p99:.4f} (free: mean {free_mean:.4f})")
     assert mean <= 0.025 and p99 <= 0.1 and mean < free_mean / 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_activation_estimate_matches_the_measured_peak(released, dtype):
+    """The per-face estimate the batch cap uses against the live tensors of real forwards,
+    tracked op by op on ``meta`` (allocations only: seconds), for batches of 1 and 2."""
+    name, _, _, safetensors = released
+    model = load_face_model(safetensors).to(device="meta", dtype=dtype)
+    for batch in (1, 2):
+        x = torch.zeros(batch, 3, 512, 512, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        ratio = batch * activation_bytes(model, dtype) / measured_peak_bytes(model, x)
+        assert 1.0 <= ratio <= 1.3, f"{name} batch {batch}: estimate / measured = {ratio:.3f}"
+
+
+def test_meta_measures_the_peak_a_cpu_forward_has(released):
+    """What the estimate test measures on ``meta`` is what a real forward allocates (bf16: the
+    quickest real forward here)."""
+    _, _, _, safetensors = released
+    peaks = []
+    for device in ("cpu", "meta"):
+        model = load_face_model(safetensors).to(device=device, dtype=torch.bfloat16)
+        x = torch.rand(1, 3, 512, 512).to(device=device, dtype=torch.bfloat16)
+        peaks.append(measured_peak_bytes(model, x.contiguous(memory_format=torch.channels_last)))
+    assert peaks[0] == peaks[1]
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".ckpt", ".bin"])
