@@ -4,6 +4,7 @@ Each architecture is spandrel's own class with the release hyperparameters and r
 so its state dict has the released key layout; the reference is that class's own forward.
 """
 
+import contextlib
 import inspect
 import re
 from pathlib import Path
@@ -22,7 +23,8 @@ from gpen import FullGenerator, GPENConfig, ModelLoadError, pipeline
 from gpen.align import alignment
 from gpen.options import RestoreOptions
 from gpen.bench import measured_peak_bytes
-from gpen.restorers import FFHQ_TEMPLATE_512, SpandrelFace, activation_bytes, load_face_model
+from gpen.restorers import (FFHQ_TEMPLATE_512, SpandrelFace, activation_bytes, check_face_model,
+                            load_face_model)
 
 ARCHES = {"GFPGAN": GFPGAN, "RestoreFormer": RestoreFormer, "CodeFormer": CodeFormer}
 
@@ -169,6 +171,61 @@ def test_codeformer_bf16_differs_from_fp32_by_its_code_picks(build, astronaut):
     mean, p99 = difference(pinned, reference)
     print(f"CodeFormer bf16 with fp32's picks: mean {mean:.4f}, p99 {p99:.4f} (free: mean {free_mean:.4f})")
     assert mean <= 0.025 and p99 <= 0.1 and mean < free_mean / 3
+
+
+def test_cli_and_cluster_lower_fp16_as_the_node_does(build, monkeypatch):
+    """load_restorer (the command line and every cluster worker) takes fp16 for a model without
+    it to bf16 only where the device computes bf16, as Load GPEN Model does: on a CPU here, and
+    to fp32 where ``bf16_supported`` says no (a pre-Ampere GPU)."""
+    from gpen import execution
+    from gpen.engine import load_restorer
+
+    _, _, _, safetensors = build("GFPGAN")
+    restorer = load_restorer(safetensors, "cpu", torch.float16)
+    assert restorer.dtype == torch.bfloat16
+    monkeypatch.setattr(execution, "bf16_supported", lambda device: False)
+    restorer = load_restorer(safetensors, "cpu", torch.float16)
+    assert restorer.dtype == torch.float32 and {p.dtype for p in restorer.model.parameters()} == {torch.float32}
+
+
+def test_bf16_counts_on_cuda_only_where_the_card_computes_it(monkeypatch):
+    """ComfyUI's should_use_bf16 says yes from compute capability 8 on; torch's check counts
+    emulated bf16 too unless asked not to."""
+    from gpen import execution
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or False)
+    assert not execution.bf16_supported("cuda:0") and asked == [False]
+    assert execution.bf16_supported("cpu")
+
+
+def test_the_cluster_check_reads_the_file_but_builds_nothing(released, monkeypatch):
+    """check_face_model names the architecture of each released layout, with the network's
+    constructor made to fail (so nothing was built), and refuses what loading refuses."""
+    name, net, pth, safetensors = released
+
+    def never(*args, **kwargs):
+        raise AssertionError("the network was built")
+    monkeypatch.setattr(type(net), "__init__", never)
+    assert check_face_model(pth) == check_face_model(safetensors) == name
+    with pytest.raises(ModelLoadError, match="the network was built"):  # loading does build it
+        load_face_model(safetensors)
+
+
+def test_the_cluster_check_refuses_what_loading_refuses(tmp_path, gpen512_file):
+    from spandrel.architectures.Compact import Compact
+
+    assert check_face_model(gpen512_file) == "GPEN"
+    save_file(Compact().state_dict(), str(tmp_path / "4x-compact.safetensors"))
+    torch.save({"some.weight": torch.zeros(3)}, tmp_path / "mystery.pth")
+    (tmp_path / "evil.pth").write_bytes(_evil_pickle(tmp_path / "pwned"))
+    for bad, message in (("4x-compact.safetensors", "not a face restorer"), ("mystery.pth", "Supported: GPEN"),
+                         ("evil.pth", "refused")):
+        with pytest.raises(ModelLoadError, match=message):
+            check_face_model(tmp_path / bad)
+    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
