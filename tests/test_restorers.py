@@ -7,26 +7,20 @@ so its state dict has the released key layout; the reference is that class's own
 import contextlib
 import inspect
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from facexlib.utils import face_restoration_helper
 from safetensors.torch import save_file
-from spandrel.architectures.GFPGAN import GFPGAN
-from spandrel.architectures.RestoreFormer import RestoreFormer
-from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
 
-from conftest import _evil_pickle
+from conftest import FACE_ARCHES, _evil_pickle
 from gpen import FullGenerator, GPENConfig, ModelLoadError, pipeline
 from gpen.align import alignment
-from gpen.options import RestoreOptions
 from gpen.bench import measured_peak_bytes
+from gpen.options import RestoreOptions
 from gpen.restorers import (FFHQ_TEMPLATE_512, SpandrelFace, activation_bytes, check_face_model,
                             load_face_model)
-
-ARCHES = {"GFPGAN": GFPGAN, "RestoreFormer": RestoreFormer, "CodeFormer": CodeFormer}
 
 
 def own_forward(name: str, net: torch.nn.Module, x: torch.Tensor, fidelity: float) -> torch.Tensor:
@@ -39,27 +33,9 @@ def own_forward(name: str, net: torch.nn.Module, x: torch.Tensor, fidelity: floa
     return net(x)[0]
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    """name -> (name, reference net, .pth path, .safetensors path), each built once."""
-    built = {}
-
-    def get(name: str) -> tuple[str, torch.nn.Module, Path, Path]:
-        if name not in built:
-            torch.manual_seed(0)
-            net = ARCHES[name]().eval().requires_grad_(False)
-            folder = tmp_path_factory.mktemp(name)
-            state_dict = {k: v.contiguous() for k, v in net.state_dict().items()}
-            torch.save({"params_ema": state_dict}, folder / f"{name}.pth")  # as the releases wrap it
-            save_file(state_dict, str(folder / f"{name}.safetensors"))
-            built[name] = name, net, folder / f"{name}.pth", folder / f"{name}.safetensors"
-        return built[name]
-    return get
-
-
-@pytest.fixture(params=list(ARCHES))
-def released(request, build):
-    return build(request.param)
+@pytest.fixture(params=list(FACE_ARCHES))
+def released(request, face_weights):
+    return face_weights(request.param)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -79,8 +55,8 @@ def test_restore_path_equals_own_forward(released, suffix):
     assert out.std() > 0.01  # a real picture, not a constant
 
 
-def test_codeformer_fidelity_changes_the_face(build):
-    model = load_face_model(build("CodeFormer")[2])
+def test_codeformer_fidelity_changes_the_face(face_weights):
+    model = load_face_model(face_weights("CodeFormer")[2])
     crops = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(2))
     low, high = (pipeline.restore_crops(model, crops, RestoreOptions(fidelity=w)) for w in (0.0, 1.0))
     assert (low - high).abs().max() > 1e-3
@@ -125,8 +101,8 @@ def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return error.mean().item(), error.quantile(0.99).item()
 
 
-@pytest.mark.parametrize("name", ["GPEN", *ARCHES])
-def test_reduced_precision_restores_as_fp32_does(name, build, astronaut):
+@pytest.mark.parametrize("name", ["GPEN", *FACE_ARCHES])
+def test_reduced_precision_restores_as_fp32_does(name, face_weights, astronaut):
     """bf16, and fp16 where asked (GPEN runs it; the others run bf16 instead), through the
     pipeline's restore step, against fp32: within PRECISION_TOLERANCE, finite, and not fp32's
     own result (the reduced precision really ran). GPEN is a small random generator (fp16
@@ -135,7 +111,7 @@ def test_reduced_precision_restores_as_fp32_does(name, build, astronaut):
         torch.manual_seed(0)
         source, crops = FullGenerator(GPENConfig(128, narrow=1 / 8)).state_dict(), face_crop(astronaut, 128)
     else:
-        source, crops = build(name)[3], face_crop(astronaut)
+        source, crops = face_weights(name)[3], face_crop(astronaut)
     options = RestoreOptions(fidelity=0.5)
     reference = pipeline.restore_crops(load_face_model(source), crops, options)
     outputs = {}
@@ -154,10 +130,10 @@ def test_reduced_precision_restores_as_fp32_does(name, build, astronaut):
             assert dtype == torch.bfloat16 and torch.equal(out, outputs[torch.bfloat16])
 
 
-def test_codeformer_bf16_differs_from_fp32_by_its_code_picks(build, astronaut):
+def test_codeformer_bf16_differs_from_fp32_by_its_code_picks(face_weights, astronaut):
     """With fp32's codebook picks handed to the bf16 forward, CodeFormer in bf16 is as close to
     fp32 as a continuous net: its larger free-running error is the few flipped picks."""
-    _, _, _, safetensors = build("CodeFormer")
+    _, _, _, safetensors = face_weights("CodeFormer")
     crops = face_crop(astronaut)
     fp32, bf16 = load_face_model(safetensors), load_face_model(safetensors, dtype=torch.bfloat16)
     picks = []
@@ -173,14 +149,14 @@ def test_codeformer_bf16_differs_from_fp32_by_its_code_picks(build, astronaut):
     assert mean <= 0.025 and p99 <= 0.1 and mean < free_mean / 3
 
 
-def test_cli_and_cluster_lower_fp16_as_the_node_does(build, monkeypatch):
+def test_cli_and_cluster_lower_fp16_as_the_node_does(face_weights, monkeypatch):
     """load_restorer (the command line and every cluster worker) takes fp16 for a model without
     it to bf16 only where the device computes bf16, as Load GPEN Model does: on a CPU here, and
     to fp32 where ``bf16_supported`` says no (a pre-Ampere GPU)."""
     from gpen import execution
     from gpen.engine import load_restorer
 
-    _, _, _, safetensors = build("GFPGAN")
+    _, _, _, safetensors = face_weights("GFPGAN")
     restorer = load_restorer(safetensors, "cpu", torch.float16)
     assert restorer.dtype == torch.bfloat16
     monkeypatch.setattr(execution, "bf16_supported", lambda device: False)
@@ -294,21 +270,3 @@ def test_alignment_targets_the_models_template(released):
     placed = landmarks @ affine[:, :2].T + affine[:, 2]
     assert np.allclose(placed, FFHQ_TEMPLATE_512, atol=1e-6)
     assert not np.allclose(alignment(landmarks, 512), affine)  # GPEN's template differs
-
-
-# CodeFormer is not here yet: in the host (auto precision: bf16 on this CPU) GPENRestore fails
-# for it; under investigation (tests above cover it in fp32 and bf16 loading).
-@pytest.mark.parametrize("name", ["GFPGAN", "RestoreFormer"])
-def test_four_nodes_run_each_architecture_in_the_host(served, build, astronaut, name):
-    from test_host import restore_graph, saved
-
-    _, _, _, safetensors = build(name)
-    target = served.base / "models" / "facerestore_models" / f"{name}.safetensors"
-    target.write_bytes(safetensors.read_bytes())
-    graph = restore_graph("astronaut.png", model=target.name, prefix=f"restorer_{name}")
-    graph["4"]["inputs"]["fidelity"] = 0.3
-    entry = served.run(graph)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    out = saved(served, entry, "6")
-    changed = np.abs(out.astype(int) - astronaut.astype(int)).max(-1) > 2
-    assert out.shape == astronaut.shape and changed.sum() > 2000  # the restored face was pasted
