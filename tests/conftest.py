@@ -239,7 +239,7 @@ def served(host, gpen512_file, astronaut):
     (models / "empty.pth").write_bytes(b"")
     (models / "noise.pth").write_bytes(np.random.default_rng(0).bytes(5000))
     (models / "GPEN-BFR-512.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
-    torch.save({"conv_body_first.weight": torch.zeros(1)}, models / "GFPGANv1.4.pth")
+    torch.save({"conv_body_first.weight": torch.zeros(1)}, models / "GFPGANv1.4-truncated.pth")
     from gpen import FullGenerator, GPENConfig
 
     torch.manual_seed(0)
