@@ -7,6 +7,7 @@ so its state dict has the released key layout; the reference is that class's own
 import contextlib
 import inspect
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -246,6 +247,18 @@ def test_other_files_say_what_they_are_and_what_is_supported(tmp_path):
     torch.save({"some.weight": torch.zeros(3)}, tmp_path / "mystery.pth")
     with pytest.raises(ModelLoadError, match="mystery.pth.*Supported: GPEN-BFR.*CodeFormer"):
         load_face_model(tmp_path / "mystery.pth")
+    torch.save({"ClassHead.0.conv1x1.weight": torch.zeros(4, 64, 1, 1)}, tmp_path / "detection_Resnet50_Final.pth")
+    with pytest.raises(ModelLoadError, match="not a face restorer this pack runs: it looks like a RetinaFace face "
+                                             "detector: it belongs in models/facedetection"):
+        load_face_model(tmp_path / "detection_Resnet50_Final.pth")
+
+
+def test_codeformer_without_its_package_says_how_to_get_it(face_weights, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spandrel_extra_arches", None)  # as if not installed
+    with pytest.raises(ModelLoadError, match="CodeFormer.pth is CodeFormer: CodeFormer needs the optional package "
+                                             r"spandrel_extra_arches \(pip install spandrel_extra_arches; "
+                                             "CodeFormer's licence is non-commercial\)"):
+        load_face_model(face_weights("CodeFormer")[2])
 
 
 def test_an_upscaler_is_sent_to_load_upscale_model(tmp_path):
