@@ -30,6 +30,7 @@ checked to compute the same output as ours (its max abs column).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -536,32 +537,37 @@ def face_models(device: torch.device, dtype: torch.dtype, names: tuple[str, ...]
 def model_table(device: torch.device, repeats: int, batch: int, names: tuple[str, ...] = FACE_MODELS) -> list[dict]:
     """ms per face of each face model through ``pipeline.restore_crops``, in fp32 and in the
     precision ``auto`` picks for it on this device (``auto`` True on that row; one row where it
-    is fp32), one run."""
+    is fp32): each run's first call, then ``repeats`` rounds timing every run once in turn, so a
+    load from other processes slows all of them alike (medians reported)."""
     from .pipeline import restore_crops
     from .restorers import CODEFORMER_NOTE, has_codeformer
 
     if "CodeFormer" in names and not has_codeformer():
         print(f"CodeFormer: skipped, not installed here. {CODEFORMER_NOTE}.", flush=True)
     auto = execution.default_dtype(device)
-    print(f"{'model':>14} {'precision':>9} {'ms/face':>9}  (batch {batch}, median of {repeats} after the first call; "
-          f"auto: {_dtype_name(auto)}, or what the model runs instead)")
     rows: list[dict] = []
+    runs = []
     for requested in dict.fromkeys((torch.float32, auto)):
         for name, model in face_models(device, requested, names).items():
-            precision = _dtype_name(next(model.parameters()).dtype)
-            same = next((row for row in rows if row["model"] == name and row["precision"] == precision), None)
+            dtype = next(model.parameters()).dtype
+            same = next((row for row in rows if row["model"] == name and row["precision"] == _dtype_name(dtype)), None)
             if same is not None:  # auto is fp32 for this model here
                 same["auto"] = True
                 continue
             crops = torch.rand(batch, 3, model.size, model.size, device=device)
-            dtype = next(model.parameters()).dtype
-            run = lambda: restore_crops(model, crops, RestoreOptions(batch_size=batch), device, dtype)  # noqa: E731
-            run()
-            seconds = sorted(timed(run, device)[0] for _ in range(repeats))[repeats // 2]
-            rows.append({"model": name, "precision": precision, "auto": requested == auto,
-                         "ms_per_face": 1000 * seconds / batch})
-            print(f"{name:>14} {precision + (' auto' if requested == auto else ''):>9} "
-                  f"{rows[-1]['ms_per_face']:>9.1f}", flush=True)
+            runs.append(functools.partial(restore_crops, model, crops, RestoreOptions(batch_size=batch), device, dtype))
+            runs[-1]()
+            rows.append({"model": name, "precision": _dtype_name(dtype), "auto": requested == auto})
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, spent in zip(runs, times):
+            spent.append(timed(run, device)[0])
+    print(f"{'model':>14} {'precision':>9} {'ms/face':>9}  (batch {batch}, median of {repeats} rounds after the first "
+          f"call; auto: {_dtype_name(auto)}, or what the model runs instead)")
+    for row, spent in zip(rows, times):
+        row["ms_per_face"] = 1000 * statistics.median(spent) / batch
+        label = row["precision"] + (" auto" if row["auto"] else "")
+        print(f"{row['model']:>14} {label:>9} {row['ms_per_face']:>9.1f}", flush=True)
     return rows
 
 
