@@ -69,7 +69,7 @@ def test_fidelity_for_a_model_without_one_is_ignored_and_said(served):
     log = served.log_path.read_text()[start:]
     ignored = "fidelity is CodeFormer's weight; GPEN has none, so it was ignored."
     assert log.count(ignored) == 1
-    assert f"GPEN Restore (node 4): Restored 1 face at 64x64 in" in log.split(ignored)[0].splitlines()[-1]
+    assert "GPEN Restore (node 4): Restored 1 face at 64x64 in" in log.split(ignored)[0].splitlines()[-1]
 
 
 @pytest.mark.parametrize("suffix, precision", [(".pth", "auto"), (".safetensors", "fp32")])
