@@ -25,7 +25,7 @@ from .engine import FrameEngine, load_restorer
 from .faces import DetectorError
 from .files import FileRestorer, Outcome, Task, plan
 from .loader import ModelLoadError, canonicalize, detect_config, load_generator, read_state_dict
-from .restorers import load_face_model
+from .restorers import check_face_model
 from .options import (BLENDS, DETECTORS, MASKS, ORDERS, VIDEO_REDETECT_EVERY, VIDEO_SMOOTHING, DetectOptions,
                       PasteOptions, RestoreOptions, parse_indices)
 
@@ -156,7 +156,7 @@ def restore_on_cluster(args: argparse.Namespace, tasks: list[Task], problems: li
                          f'pip install "ray[data]"') from None
     from . import cluster
 
-    load_face_model(args.model)
+    check_face_model(args.model)
     job = cluster.Job(str(Path(args.model).absolute()), *options, device=args.device,
                       dtype=PRECISIONS.get(args.precision), weights_dirs=tuple(args.weights_dir),
                       upscale_model=args.upscale_model and str(Path(args.upscale_model).absolute()),

@@ -8,6 +8,8 @@
     python -m gpen.bench --memory --device meta           # the same, allocations only (fast)
     python -m gpen.bench --stages              # per-stage ms of a 1080p one-face frame
     python -m gpen.bench --video clip.mp4      # a video end to end: ms per frame per stage, frames/s
+    python -m gpen.bench --models              # ms per face of GPEN-512, GFPGAN, RestoreFormer and
+                                               #   CodeFormer, in fp32 and in auto precision
 
 Every path runs the same random-weight generator on the same input. ``ms/face`` is the median
 of ``--repeats`` rounds that time every path once in turn (so a load from other processes hits
@@ -28,6 +30,7 @@ checked to compute the same output as ours (its max abs column).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -186,7 +189,7 @@ class PeakLiveBytes(TorchDispatchMode):
         return self
 
 
-def measured_peak_bytes(model: FullGenerator, x: torch.Tensor) -> int:
+def measured_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Peak live bytes of one inference forward of ``x`` (the input counted, the weights not)."""
     tracker = PeakLiveBytes().ignore(*model.parameters(), *model.buffers())
     with torch.inference_mode(), tracker:
@@ -516,35 +519,72 @@ def video_table(path: str, size: int, device: torch.device, dtype: torch.dtype,
     return row
 
 
-def face_models(device: torch.device) -> dict[str, torch.nn.Module]:
-    """GPEN-512 and every face architecture spandrel reads here, with random weights in their
-    released layouts, loaded through ``restorers.load_face_model`` as a user's file would be."""
+FACE_MODELS = ("GPEN-512", "GFPGAN", "RestoreFormer", "CodeFormer")
+
+
+def face_models(device: torch.device, dtype: torch.dtype, names: tuple[str, ...] = FACE_MODELS
+                ) -> dict[str, torch.nn.Module]:
+    """Each of ``names`` with random weights in its released layout, loaded through
+    ``restorers.load_face_model`` as a user's file would be, in ``dtype`` lowered as the nodes
+    lower it; CodeFormer only where spandrel_extra_arches is installed (``restorers.has_codeformer``)."""
     from spandrel.architectures.GFPGAN import GFPGAN
     from spandrel.architectures.RestoreFormer import RestoreFormer
 
     from .restorers import has_codeformer, load_face_model
 
-    nets = {"GPEN-512": FullGenerator(GPENConfig(512)), "GFPGAN": GFPGAN(), "RestoreFormer": RestoreFormer()}
+    builders = {"GPEN-512": lambda: FullGenerator(GPENConfig(512)), "GFPGAN": GFPGAN, "RestoreFormer": RestoreFormer}
     if has_codeformer():
         from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
-        nets["CodeFormer"] = CodeFormer()
-    return {name: load_face_model(net.state_dict(), device).to_channels_last() for name, net in nets.items()}
+        builders["CodeFormer"] = CodeFormer
+    models = {}
+    for name in names:
+        if name in builders:
+            torch.manual_seed(0)
+            state_dict = builders[name]().state_dict()
+            models[name] = load_face_model(state_dict, device, dtype,
+                                           bf16_ok=execution.bf16_supported(device)).to_channels_last()
+    return models
 
 
-def model_table(device: torch.device, repeats: int, batch: int) -> list[dict]:
-    """ms per face of each face model through ``pipeline.restore_crops`` (fp32), one run."""
+def model_table(device: torch.device, repeats: int, batch: int, names: tuple[str, ...] = FACE_MODELS) -> list[dict]:
+    """ms per face of each face model through ``pipeline.restore_crops``, in fp32 and in the
+    precision ``auto`` picks for it on this device (``auto`` True on that row; one row where it
+    is fp32): each run's first call, then ``repeats`` rounds timing every run once in turn, so a
+    load from other processes slows all of them alike (medians reported)."""
     from .pipeline import restore_crops
+    from .restorers import CODEFORMER_NOTE, has_codeformer
 
-    rows = []
-    print(f"{'model':>14} {'ms/face':>9}  (fp32, batch {batch}, median of {repeats} after the first call)")
-    for name, model in face_models(device).items():
-        crops = torch.rand(batch, 3, model.size, model.size, device=device)
-        run = lambda: restore_crops(model, crops, RestoreOptions(batch_size=batch), device)  # noqa: E731
-        run()
-        seconds = sorted(timed(run, device)[0] for _ in range(repeats))[repeats // 2]
-        rows.append({"model": name, "ms_per_face": 1000 * seconds / batch})
-        print(f"{name:>14} {rows[-1]['ms_per_face']:>9.1f}", flush=True)
+    if "CodeFormer" in names and not has_codeformer():
+        print(f"CodeFormer: skipped, not installed here. {CODEFORMER_NOTE}.", flush=True)
+    auto = execution.default_dtype(device)
+    rows: list[dict] = []
+    runs = []
+    for requested in dict.fromkeys((torch.float32, auto)):
+        for name, model in face_models(device, requested, names).items():
+            dtype = next(model.parameters()).dtype
+            same = next((row for row in rows if row["model"] == name and row["precision"] == _dtype_name(dtype)), None)
+            if same is not None:  # auto is fp32 for this model here
+                same["auto"] = True
+                continue
+            crops = torch.rand(batch, 3, model.size, model.size, device=device)
+            runs.append(functools.partial(restore_crops, model, crops, RestoreOptions(batch_size=batch), device, dtype))
+            runs[-1]()
+            rows.append({"model": name, "precision": _dtype_name(dtype), "auto": requested == auto})
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, spent in zip(runs, times):
+            spent.append(timed(run, device)[0])
+    print(f"{'model':>14} {'precision':>9} {'ms/face':>9}  (batch {batch}, median of {repeats} rounds after the first "
+          f"call; auto: {_dtype_name(auto)}, or what the model runs instead)")
+    for row, spent in zip(rows, times):
+        row["ms_per_face"] = 1000 * statistics.median(spent) / batch
+        label = row["precision"] + (" auto" if row["auto"] else "")
+        print(f"{row['model']:>14} {label:>9} {row['ms_per_face']:>9.1f}", flush=True)
     return rows
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, known in DTYPES.items() if known == dtype)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -573,8 +613,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                         "ms per frame of each stage and frames/s; --sizes picks the model")
     parser.add_argument("--no-model", action="store_true",
                         help="with --video: a generator that returns its input, to time everything else")
-    parser.add_argument("--models", action="store_true",
-                        help="ms per face of every face model (GPEN-512, GFPGAN, RestoreFormer, CodeFormer)")
+    parser.add_argument("--models", nargs="*", choices=FACE_MODELS, metavar="MODEL",
+                        help="ms per face of these face models in fp32 and in auto precision (no names: all of "
+                             f"{', '.join(FACE_MODELS)})")
     parser.add_argument("--redetect-every", type=int, default=5,
                         help="with --video: whole-frame face search every N frames")
     args = parser.parse_args(argv)
@@ -583,8 +624,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu (native bf16: {execution.cpu_has_native_bf16()})" if device.type == "cpu" else str(device)
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    if args.models:
-        return model_table(device, args.repeats, args.batches[0])
+    if args.models is not None:
+        return model_table(device, args.repeats, args.batches[0], tuple(args.models) or FACE_MODELS)
     if args.video:
         dtype = DTYPES[args.dtype] if args.dtype else execution.default_dtype(device)
         detect = DetectOptions(smoothing=0.5, redetect_every=args.redetect_every)

@@ -67,15 +67,18 @@ def load_restorer(model_path: str | Path, device: torch.device | str, dtype: tor
                   upscale_model: str | Path | None = None, compile: bool = False) -> Restorer:
     """Everything a restore job needs, loaded from files (the command line and cluster workers;
     ComfyUI hands the nodes its own loaded models instead). Errors say which file and what to do.
-    ``compile`` runs the restorer through torch.compile (``execution.enable_compile``)."""
+    ``compile`` runs the restorer through torch.compile (``execution.enable_compile``). A
+    precision the architecture lacks is lowered as Load GPEN Model lowers it: fp16 to bf16 only
+    where the device computes bf16 (``execution.bf16_supported``), else to fp32."""
     from .faces import load_detector
     from .options import PasteOptions
     from .parsing import load_parser
-    from .restorers import load_face_model, supported_dtype
+    from .restorers import load_face_model
 
     device = torch.device(device)
-    model = load_face_model(model_path, device=device, dtype=dtype).to_channels_last()
-    dtype = supported_dtype(model, dtype)
+    model = load_face_model(model_path, device=device, dtype=dtype,
+                            bf16_ok=execution.bf16_supported(device)).to_channels_last()
+    dtype = next(model.parameters()).dtype  # lowered to what the architecture and device run
     if compile:
         execution.enable_compile(model)
     parser_name = PasteOptions(mask=mask).parser

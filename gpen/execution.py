@@ -40,6 +40,18 @@ def cpu_has_native_bf16() -> bool:
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether a model without fp16 falls back to bf16 on ``device`` rather than to fp32. On CUDA
+    the card must compute bf16 itself (compute capability 8 on: what ComfyUI's
+    ``should_use_bf16`` tells the nodes); older cards only emulate it, slower than fp32. A CPU
+    computes bf16 (where it is not native, ``auto`` picks fp32 in the first place)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True
+
+
 def cpu_auto_dtype() -> torch.dtype:
     """``auto`` precision on a CPU: bf16 where it is native, else fp32."""
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32

@@ -10,9 +10,10 @@ weights-only reader; spandrel only ever sees the tensors (it would unpickle file
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torch import nn
 
 from .loader import (ModelLoadError, canonicalize, identify_foreign, is_gpen, load_gpen_state_dict,
                      read_state_dict)
+
+if TYPE_CHECKING:
+    from spandrel import ArchSupport
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +40,11 @@ FACE_ARCHES = ("GFPGAN", "RestoreFormer", "CodeFormer")
 SUPPORTED = "GPEN-BFR (512/1024/2048), GFPGAN v1.x (clean), RestoreFormer, CodeFormer"
 CODEFORMER_NOTE = ("CodeFormer needs the optional package spandrel_extra_arches (pip install "
                    "spandrel_extra_arches; CodeFormer's licence is non-commercial)")
-# Peak live activation bytes of one 512 face in fp32: a rough upper guess, not yet measured
-# (to do: gpen.bench's PeakLiveBytes per arch); other precisions scale by element size.
-ACTIVATION_BYTES_FP32 = {"GFPGAN": 110 << 20, "RestoreFormer": 150 << 20, "CodeFormer": 150 << 20}
+# Peak live activation bytes of one 512 face in fp32 (input included, weights not), measured
+# with gpen.bench's PeakLiveBytes: GFPGAN 543.7 MiB, RestoreFormer 694.8 MiB, CodeFormer 567.0
+# MiB, plus 10%. The peak is proportional to the batch and to the element size (bf16: half),
+# and the same on the CPU as on ``meta`` (tests/test_restorers.py checks all of it).
+ACTIVATION_BYTES_FP32 = {"GFPGAN": 600 << 20, "RestoreFormer": 765 << 20, "CodeFormer": 625 << 20}
 
 
 class FaceModel(Protocol):
@@ -71,6 +77,8 @@ class SpandrelFace(nn.Module):
         self.supports_fp16 = bool(descriptor.supports_half)
         self.supports_bf16 = bool(descriptor.supports_bfloat16)
         self.has_fidelity = self.name == "CodeFormer"
+        if self.name == "CodeFormer":
+            self.net.quantize.get_codebook_feat = types.MethodType(_codebook_vectors, self.net.quantize)
 
     @property
     def template(self) -> np.ndarray:
@@ -90,6 +98,17 @@ class SpandrelFace(nn.Module):
         if self.name == "GFPGAN":
             return self.net(x, return_rgb=False, randomize_noise=False)[0]
         return self.net(x)[0]
+
+
+def _codebook_vectors(quantize: nn.Module, indices: torch.Tensor, shape: list[int] | None) -> torch.Tensor:
+    """CodeFormer's codebook lookup (``VectorQuantizer.get_codebook_feat``) as a plain embedding
+    lookup, so it runs in the weights' precision: the original multiplies a one-hot matrix it
+    makes in fp32 by the codebook weight, which fails in bf16 ("expected m1 and m2 to have the
+    same dtype"). Both give the codebook's own vectors exactly. The alternatives are slower on a
+    CPU with native bf16 (one 512 face, interleaved runs on 2 shared cores: declaring CodeFormer
+    fp32-only takes about 1.9x the time, bf16 under autocast 1.3x or more)."""
+    vectors = torch.nn.functional.embedding(indices.reshape(-1), quantize.embedding.weight)
+    return vectors if shape is None else vectors.view(shape).permute(0, 3, 1, 2).contiguous()
 
 
 def _registry():
@@ -114,11 +133,7 @@ def load_face_model(source: str | Path | Mapping, device: torch.device | str = "
                     dtype: torch.dtype = torch.float32, bf16_ok: bool = True) -> nn.Module:
     """The restorer in ``source`` (a file or a state dict), eval mode, frozen, on ``device`` in
     ``dtype`` (lowered to what the architecture supports: ``supported_dtype``)."""
-    if isinstance(source, Mapping):
-        name, raw = "state dict", source
-    else:
-        name, raw = Path(source).name, read_state_dict(source, fix=f"Supported: {SUPPORTED}.")
-    state_dict = canonicalize(raw, name)
+    name, state_dict = _tensors(source)
     if is_gpen(state_dict):
         return load_gpen_state_dict(state_dict, name, device, dtype)
     model = SpandrelFace(_spandrel_descriptor(state_dict, name))
@@ -126,26 +141,57 @@ def load_face_model(source: str | Path | Mapping, device: torch.device | str = "
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _spandrel_descriptor(state_dict: dict[str, torch.Tensor], name: str):
-    from spandrel import ModelLoader, UnsupportedModelError
+def check_face_model(source: str | Path | Mapping) -> str:
+    """The architecture of the restorer in ``source``, checked as ``load_face_model`` checks it
+    (read weights-only, one of the supported architectures) without building the network: for
+    the cluster driver, before its workers load it. GPEN's tensors are checked in full (its
+    loader only assigns them); the others by the keys spandrel recognises them by, their shapes
+    when a worker builds them."""
+    name, state_dict = _tensors(source)
+    if is_gpen(state_dict):
+        return load_gpen_state_dict(state_dict, name, "cpu", torch.float32).name
+    return str(_spandrel_architecture(state_dict, name)[0].architecture.id)
 
-    foreign = identify_foreign(state_dict)
-    try:
-        descriptor = ModelLoader(registry=_registry()).load_from_state_dict(state_dict)
-    except UnsupportedModelError:
+
+def _tensors(source: str | Path | Mapping) -> tuple[str, dict[str, torch.Tensor]]:
+    """(name for messages, flat tensors) of a file or a state dict."""
+    if isinstance(source, Mapping):
+        name, raw = "state dict", source
+    else:
+        name, raw = Path(source).name, read_state_dict(source, fix=f"Supported: {SUPPORTED}.")
+    return name, canonicalize(raw, name)
+
+
+def _spandrel_architecture(state_dict: dict[str, torch.Tensor],
+                           name: str) -> tuple[ArchSupport, dict[str, torch.Tensor]]:
+    """The face architecture spandrel detects in ``state_dict`` (by its keys; nothing built) and
+    the tensors as spandrel's loader sees them (its own unwrapping too, e.g. ``netG.``), or an
+    error naming what the file looks like and what is supported."""
+    from spandrel import canonicalize_state_dict
+
+    state_dict = canonicalize_state_dict(state_dict)
+    registry = _registry()
+    support = next((arch for arch in registry.architectures("detection") if arch.detect(state_dict)), None)
+    if support is None:
+        foreign = identify_foreign(state_dict)
         if foreign and "CodeFormer" in foreign and not has_codeformer():
-            raise ModelLoadError(f"{name} is CodeFormer: {CODEFORMER_NOTE}.") from None
+            raise ModelLoadError(f"{name} is CodeFormer: {CODEFORMER_NOTE}.")
         what = f"it looks like {foreign}" if foreign else f"no known architecture matches its {len(state_dict)} tensors"
-        raise ModelLoadError(f"{name} is not a face restorer this pack runs: {what}. Supported: {SUPPORTED}.") from None
-    except Exception as error:  # an arch matched but its tensors do not fit it: spandrel raises many types
-        what = foreign or "a known architecture"
+        raise ModelLoadError(f"{name} is not a face restorer this pack runs: {what}. Supported: {SUPPORTED}.")
+    if str(support.architecture.id) not in FACE_ARCHES:
+        raise ModelLoadError(f"{name} is a {support.architecture.name} model, not a face restorer: load it "
+                             f"with Load Upscale Model. Supported here: {SUPPORTED}.")
+    return support, state_dict
+
+
+def _spandrel_descriptor(state_dict: dict[str, torch.Tensor], name: str):
+    support, state_dict = _spandrel_architecture(state_dict, name)
+    try:
+        return support.architecture.load(state_dict)
+    except Exception as error:  # the keys matched but the tensors do not fit: spandrel raises many types
+        what = identify_foreign(state_dict) or support.architecture.name
         raise ModelLoadError(f"{name} looks like {what} but its tensors do not fit it ({type(error).__name__}: "
                              f"{error}); the file is incomplete or modified. Download it again.") from None
-    arch = str(descriptor.architecture.id)
-    if arch not in FACE_ARCHES:
-        raise ModelLoadError(f"{name} is a {descriptor.architecture.name} model ({descriptor.purpose}), not a "
-                             f"face restorer: load it with Load Upscale Model. Supported here: {SUPPORTED}.")
-    return descriptor
 
 
 def supported_dtype(model: FaceModel, dtype: torch.dtype, bf16_ok: bool = True) -> torch.dtype:

@@ -2,6 +2,7 @@
 shipped workflows in the real UI after a run.
 
     python scripts/figures.py    # after tests/test_ui.py (it takes the screenshots)
+    python scripts/figures.py NAME ...   # only these workflows' pictures (after their UI tests)
 
 Writes docs/*.png and workflows/*.jpg. The photo figure is drawn by the pack itself (detection,
 alignment, mask); the others are cropped from the UI test's screenshots.
@@ -84,8 +85,12 @@ def save(name: str, rgb: np.ndarray) -> None:
 
 if __name__ == "__main__":
     DOCS.mkdir(exist_ok=True)
-    save("astronaut_landmarks_crop_mask.png", photo_figure())
+    names = sys.argv[1:]
+    if not names:
+        save("astronaut_landmarks_crop_mask.png", photo_figure())
     for workflow in sorted((REPO / "workflows").glob("*.json")):
+        if names and workflow.stem not in names:
+            continue
         shot = SHOTS / f"{workflow.stem}.png"
         graph = crop_screenshot(shot)
         save(f"workflow_{workflow.stem}.png", graph)

@@ -24,7 +24,7 @@ fi
 "$py" -c "import ray.data" 2>/dev/null || "$py" -m pip install --disable-pip-version-check -q "ray[data]==2.60.*" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
 cd "$pack"
 HOST_TESTS=(tests/test_host.py tests/test_video_node.py tests/test_trim.py tests/test_ux.py tests/test_ui.py
-            tests/test_memory.py)
+            tests/test_memory.py tests/test_restorers_host.py)
 status=0
 echo "== ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "${GPEN_COMFY_DIR:-$pack/.host/ComfyUI}/comfyui_version.py"): the whole suite"
 "$py" -m pytest tests -m "not trim" "$@" || status=$?

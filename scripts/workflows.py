@@ -1,6 +1,7 @@
 """The shipped workflows, as API graphs, and their export to UI format through the real UI.
 
-    python scripts/workflows.py      # rewrite workflows/*.json (starts ComfyUI + Chromium)
+    python scripts/workflows.py           # rewrite workflows/*.json (starts ComfyUI + Chromium)
+    python scripts/workflows.py NAME ...  # only these (e.g. a new one; the others stay as saved)
 
 Each graph is loaded by ComfyUI's own frontend (``app.loadApiJson``), laid out, given a note
 and saved with ``app.graph.serialize()``: exactly what the UI's Save writes.
@@ -27,9 +28,9 @@ def loader(name: str) -> dict:
                                                         "compile": False}}
 
 
-def restore(model: list, image: list, faces: list, strength: float = 1.0) -> dict:
+def restore(model: list, image: list, faces: list, strength: float = 1.0, **optional) -> dict:
     return {"class_type": "GPENRestore", "inputs": {"gpen_model": model, "image": image, "faces": faces,
-                                                    "strength": strength, "batch_size": 4}}
+                                                    "strength": strength, "batch_size": 4, **optional}}
 
 
 def paste(image: list, restored: list, faces: list, upscale: float = 1.0) -> dict:
@@ -123,6 +124,30 @@ WORKFLOWS: dict[str, tuple[dict, str]] = {
        "enlarged 2x (upscale 2 on Paste Back), so the larger models' extra detail is kept instead of "
        "being shrunk back to the face's size in the photo. Needs GPEN-BFR-512.pth, GPEN-BFR-1024.pth "
        "and GPEN-BFR-2048.pth in models/facerestore_models."),
+    "compare_gpen_gfpgan_codeformer": ({
+        "1": load(),
+        "2": detect(["1", 0]),
+        "3": loader("GPEN-BFR-512.pth"),
+        "4": loader("GFPGANv1.4.pth"),
+        "5": loader("codeformer.pth"),
+        "6": restore(["3", 0], ["1", 0], ["2", 0]),
+        "7": restore(["4", 0], ["1", 0], ["2", 0]),
+        "8": restore(["5", 0], ["1", 0], ["2", 0], fidelity=0.5),
+        "9": paste(["1", 0], ["6", 0], ["6", 1]),
+        "10": paste(["1", 0], ["7", 0], ["7", 1]),
+        "11": paste(["1", 0], ["8", 0], ["8", 1]),
+        "12": stitch(["9", 0], ["1", 0], direction="left"),
+        "13": stitch(["12", 0], ["10", 0]),
+        "14": stitch(["13", 0], ["11", 0]),
+        "15": save(["14", 0], "face_restorers_compare"),
+    }, "Three face restorers on one photo, side by side: original | GPEN-512 | GFPGAN | CodeFormer.\n\n"
+       "Faces are detected once; each model aligns them to its own template and size and they are "
+       "pasted back the same way. Needs GPEN-BFR-512.pth, GFPGANv1.4.pth and codeformer.pth in "
+       "models/facerestore_models.\n\n"
+       "CodeFormer needs the optional package spandrel_extra_arches (pip install "
+       "spandrel_extra_arches, in ComfyUI's Python) and its licence is non-commercial (S-Lab "
+       "License 1.0). Its fidelity on GPEN Restore 2048: 0 = strongest restoration, 1 = closest to "
+       "the photo; GPEN and GFPGAN ignore it."),
     "restore_faces_in_a_video": ({
         "1": {"class_type": "LoadVideo", "inputs": {"file": VIDEO}},
         "2": loader("GPEN-BFR-512.pth"),
@@ -151,13 +176,16 @@ LAYOUTS: dict[str, list[list[list[str]]]] = {
     "restore_face_swapped_frames": [[["1", "2"], ["3", "4", "note"], ["5"], ["6", "7"], ["8"]]],
     "compare_gpen_512_1024_2048": [[["1"], ["3", "6"], ["9"], ["4", "7"], ["10"], ["5", "8"], ["11"]],
                                    [["2", "note"], ["12", "13", "14"], ["15"]]],
+    "compare_gpen_gfpgan_codeformer": [[["1"], ["3", "6"], ["9"], ["4", "7"], ["10"], ["5", "8"], ["11"]],
+                                       [["2", "note"], ["12", "13", "14"], ["15"]]],
     "restore_faces_in_a_video": [[["1", "2", "note"], ["3"], ["4"]]],
 }
 # Nodes that show a picture get room for it, so the result is visible without resizing; the
 # nodes that say what they did get room for the text ComfyUI shows under their widgets.
 PICTURE_SIZES = {"LoadImage": [320, 420], "SaveImage": [480, 520], "PreviewImage": [320, 380],
                  "LoadVideo": [320, 420], "SaveVideo": [480, 600]}
-SIZES = {"compare_gpen_512_1024_2048": {"15": [1000, 380]}}  # the 4-up strip
+SIZES = {"compare_gpen_512_1024_2048": {"15": [1000, 380]},  # the 4-up strips
+         "compare_gpen_gfpgan_codeformer": {"15": [1000, 380]}}
 TELLING = ["GPENDetectFaces", "GPENRestore", "GPENPasteBack", "GPENRestoreVideo"]
 NOTICE_HEIGHT = 60
 NOTE_SIZE = [380, 300]
@@ -213,10 +241,14 @@ if __name__ == "__main__":
     from uihost import browser_page
     from conftest import ComfyHost
 
+    names = sys.argv[1:] or list(WORKFLOWS)
+    unknown = [name for name in names if name not in WORKFLOWS]
+    if unknown:
+        raise SystemExit(f"No workflow named {', '.join(unknown)}; the workflows are {', '.join(WORKFLOWS)}.")
     server = ComfyHost.with_pack(Path(tempfile.mkdtemp()))
     try:
         with browser_page(server.url) as page:
-            for workflow in WORKFLOWS:
+            for workflow in names:
                 data = export(page, workflow)
                 (REPO / "workflows" / f"{workflow}.json").write_text(json.dumps(data, indent=1) + "\n")
                 print(f"workflows/{workflow}.json: {len(data['nodes'])} nodes")

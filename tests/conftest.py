@@ -87,6 +87,40 @@ def gpen512_file(tmp_path_factory, manifests) -> Path:
     return path
 
 
+def face_arches() -> dict[str, type]:
+    """The face architectures spandrel builds, by name (their classes, release hyperparameters
+    as defaults)."""
+    from spandrel.architectures.GFPGAN import GFPGAN
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+    return {"GFPGAN": GFPGAN, "RestoreFormer": RestoreFormer, "CodeFormer": CodeFormer}
+
+
+FACE_ARCHES = tuple(face_arches())
+
+
+@pytest.fixture(scope="session")
+def face_weights(tmp_path_factory):
+    """name -> (name, reference net, .pth path, .safetensors path) of a GFPGAN, RestoreFormer or
+    CodeFormer with random weights in its released layout (spandrel's own class), built once."""
+    from safetensors.torch import save_file
+
+    built = {}
+
+    def get(name: str) -> tuple[str, torch.nn.Module, Path, Path]:
+        if name not in built:
+            torch.manual_seed(0)
+            net = face_arches()[name]().eval().requires_grad_(False)
+            folder = tmp_path_factory.mktemp(name)
+            state_dict = {k: v.contiguous() for k, v in net.state_dict().items()}
+            torch.save({"params_ema": state_dict}, folder / f"{name}.pth")  # as the releases wrap it
+            save_file(state_dict, str(folder / f"{name}.safetensors"))
+            built[name] = name, net, folder / f"{name}.pth", folder / f"{name}.safetensors"
+        return built[name]
+    return get
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,7 +239,7 @@ def served(host, gpen512_file, astronaut):
     (models / "empty.pth").write_bytes(b"")
     (models / "noise.pth").write_bytes(np.random.default_rng(0).bytes(5000))
     (models / "GPEN-BFR-512.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
-    torch.save({"conv_body_first.weight": torch.zeros(1)}, models / "GFPGANv1.4.pth")
+    torch.save({"conv_body_first.weight": torch.zeros(1)}, models / "GFPGANv1.4-truncated.pth")
     from gpen import FullGenerator, GPENConfig
 
     torch.manual_seed(0)

@@ -169,6 +169,50 @@ def test_restore_videos_in_a_folder_keeps_timing_audio_and_faceless_frames(tmp_p
     assert min(changed) > 40  # the random-weight restorer visibly changed every frame's faces
 
 
+def test_restore_a_photo_with_codeformer(tmp_path, astronaut, face_weights):
+    """--model with a CodeFormer file (auto precision: bf16 on a CPU with native bf16) and
+    --fidelity: the photo is what the pipeline functions give for that file and precision."""
+    from gpen.execution import cpu_auto_dtype
+    from reference_runs import restored_photo
+
+    _, _, pth, _ = face_weights("CodeFormer")
+    cv2.imwrite(str(tmp_path / "in.png"), astronaut[..., ::-1])
+    result = gpen_cli("restore", "--model", pth, "--fidelity", "0.3", tmp_path / "in.png", tmp_path / "out.png")
+    assert result.returncode == 0, result.stderr
+    precision = str(cpu_auto_dtype()).removeprefix("torch.")
+    assert f"CodeFormer-512 on cpu ({precision})" in result.stdout and "note:" not in result.stderr
+    out = cv2.imread(str(tmp_path / "out.png"))[..., ::-1]
+    expected = restored_photo(pth, astronaut, cpu_auto_dtype(), fidelity=0.3)
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+    changed = np.abs(out.astype(int) - astronaut.astype(int)).max(-1) > 2
+    assert changed.sum() > 2000
+
+
+def test_restore_a_video_with_gfpgan(tmp_path, face_weights):
+    """--model with a GFPGAN file on a short clip (fp32; --fidelity is noted as ignored): the
+    frames the frame engine and the pack's encoder give for it, the sound kept."""
+    import av
+    from gpen.options import VIDEO_REDETECT_EVERY, VIDEO_SMOOTHING, DetectOptions
+    from reference_runs import decoded_frames, restored_video
+
+    _, _, _, safetensors = face_weights("GFPGAN")
+    clip = videoclips.face_clip(tmp_path / "faces.mp4", 480, 270, frames=6)
+    result = gpen_cli("restore", "--model", safetensors, "--precision", "fp32", "--fidelity", "0.3", clip,
+                      tmp_path / "out.mp4")
+    assert result.returncode == 0, result.stderr
+    assert "GFPGAN-512 on cpu (float32)" in result.stdout
+    assert "note: GFPGAN has no fidelity weight; --fidelity is ignored." in result.stderr
+    detect = DetectOptions(smoothing=VIDEO_SMOOTHING, redetect_every=VIDEO_REDETECT_EVERY)
+    expected = restored_video(safetensors, clip, tmp_path / "expected.mp4", torch.float32, detect, fidelity=0.3)
+    restored, reference, source = decoded_frames(tmp_path / "out.mp4"), decoded_frames(expected), decoded_frames(clip)
+    assert len(restored) == len(reference) == 6
+    for ours, theirs, before in zip(restored, reference, source):
+        assert np.abs(ours.astype(int) - theirs.astype(int)).mean() <= 0.25
+        assert (np.abs(ours.astype(int) - before.astype(int)).max(-1) > 16).sum() > 1000
+    with av.open(str(clip)) as a, av.open(str(tmp_path / "out.mp4")) as b:
+        assert [p.pts for p in a.demux(audio=0)] == [p.pts for p in b.demux(audio=0)]
+
+
 def test_every_option_has_a_flag(tmp_path):
     """Each field of the options the nodes share (detect, restore, paste), and each model choice
     of Load GPEN Model, has a flag; the faces flags default to GPEN Restore Video's values."""

@@ -411,6 +411,23 @@ def test_without_ray_the_option_says_how_to_install_it(tiny, tmp_path, astronaut
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_that_does_not_load_is_one_error_before_ray_starts(tmp_path, astronaut):
+    """The driver checks the model file (cheaply: gpen.restorers.check_face_model) before it
+    starts or joins a cluster: one clear error, no worker, no output folder."""
+    from spandrel.architectures.Compact import Compact
+    from safetensors.torch import save_file
+
+    cv2.imwrite(str(tmp_path / "in.png"), astronaut[..., ::-1])
+    save_file(Compact().state_dict(), str(tmp_path / "4x-compact.safetensors"))
+    command = [sys.executable, "-m", "gpen", "restore", "--model", str(tmp_path / "4x-compact.safetensors"),
+               str(tmp_path / "in.png"), "--output", str(tmp_path / "out"), "--ray"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "4x-compact.safetensors is a RealESRGAN Compact model, not a face restorer" in result.stderr
+    assert "Traceback" not in result.stderr and "Ray" not in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_comfyui_pack_never_imports_ray():
     """Load the pack as ComfyUI does (the real comfy modules, CPU mode) and run a restore from
     the command line without --ray: Ray is never imported."""

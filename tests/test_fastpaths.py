@@ -51,6 +51,33 @@ def test_benchmark_script_reports_every_path(capsys):
     assert rows[0]["speedup"] == 1.0 and "vs base" in capsys.readouterr().out
 
 
+def test_model_benchmark_times_fp32_and_auto_and_says_what_it_skips(capsys, monkeypatch):
+    """--models: a row per model in fp32 and in what auto runs it in here (bf16 on a CPU with
+    native bf16: GFPGAN has no fp16); CodeFormer, its package missing, named as skipped and why."""
+    from gpen import restorers
+
+    monkeypatch.setattr(restorers, "has_codeformer", lambda: False)
+    rows = bench_main(["--models", "GFPGAN", "CodeFormer", "--repeats", "1"])
+    auto = "bf16" if execution.cpu_has_native_bf16() else "fp32"
+    expected = [("GFPGAN", "fp32", auto == "fp32")] + ([("GFPGAN", "bf16", True)] if auto == "bf16" else [])
+    assert [(r["model"], r["precision"], r["auto"]) for r in rows] == expected
+    assert all(r["ms_per_face"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "CodeFormer: skipped, not installed here. CodeFormer needs the optional package spandrel_extra_arches" in out
+
+
+def test_model_benchmark_covers_every_face_model():
+    """--models with no names: GPEN-512, GFPGAN, RestoreFormer and CodeFormer (installed for the
+    tests), each loaded as a user's file would be, in the precision asked (lowered as the nodes do)."""
+    from gpen.bench import FACE_MODELS, face_models
+
+    models = face_models(torch.device("cpu"), torch.float16)
+    assert list(models) == list(FACE_MODELS) == ["GPEN-512", "GFPGAN", "RestoreFormer", "CodeFormer"]
+    assert {name: next(m.parameters()).dtype for name, m in models.items()} == {
+        "GPEN-512": torch.float16, "GFPGAN": torch.bfloat16, "RestoreFormer": torch.bfloat16,
+        "CodeFormer": torch.bfloat16}
+
+
 def test_stage_benchmark_times_every_stage(capsys):
     rows = bench_main(["--stages", "--sizes", "32", "64", "--repeats", "1"])
     assert [r["size"] for r in rows] == [32, 64]

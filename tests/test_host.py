@@ -194,7 +194,7 @@ BAD_PROMPTS = [
     ({"2": {"model_name": "empty.pth"}}, "GPENModelLoader", "empty.pth is empty"),
     ({"2": {"model_name": "noise.pth"}}, "GPENModelLoader", "could not be read"),
     ({"2": {"model_name": "GPEN-BFR-512.onnx"}}, "GPENModelLoader", "ONNX model"),
-    ({"2": {"model_name": "GFPGANv1.4.pth"}}, "GPENModelLoader", "looks like GFPGAN"),
+    ({"2": {"model_name": "GFPGANv1.4-truncated.pth"}}, "GPENModelLoader", "looks like GFPGAN"),
     ({"3": {"detector": "retinaface_mobile0.25"}}, "GPENDetectFaces", "detection_mobilenet0.25_Final.pth"),
     ({"3": {"indices": "first"}}, "GPENDetectFaces", "comma-separated"),
 ]

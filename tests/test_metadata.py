@@ -43,3 +43,22 @@ def test_compare_pastes_every_model_at_its_detail():
     for node in pastes:
         widgets = [i["name"] for i in node["inputs"] if i.get("widget")]
         assert node["widgets_values"][widgets.index("upscale")] >= 2
+
+
+def test_restorer_comparison_names_the_files_users_have_and_says_codeformers_terms():
+    """compare_gpen_gfpgan_codeformer: one detection, the three models under their release file
+    names, CodeFormer's fidelity on its restore node, and a note saying CodeFormer is optional
+    and non-commercial."""
+    workflow = json.loads((REPO / "workflows" / "compare_gpen_gfpgan_codeformer.json").read_text())
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    loaders = {node["widgets_values"][0]: node["id"] for node in nodes.values() if node["type"] == "GPENModelLoader"}
+    assert set(loaders) == {"GPEN-BFR-512.pth", "GFPGANv1.4.pth", "codeformer.pth"}
+    assert sum(node["type"] == "GPENDetectFaces" for node in nodes.values()) == 1
+    assert sum(node["type"] == "GPENPasteBack" for node in nodes.values()) == 3
+    restores = [node for node in nodes.values() if node["type"] == "GPENRestore"]
+    for node in restores:
+        widgets = [i["name"] for i in node["inputs"] if i.get("widget")]
+        assert widgets[-1] == "fidelity" and len(node["widgets_values"]) == len(widgets)
+    [note] = [node["widgets_values"][0] for node in nodes.values() if node["type"] == "Note"]
+    assert "spandrel_extra_arches" in note and "non-commercial" in note
+    assert all(name in note for name in loaders)

@@ -87,15 +87,20 @@ def inside(box: list[float], area: list[float]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ui(served, manifests, gpen512_file):
-    """The served host plus 1024 and 2048 models (random, official layout), the sample video
-    (3 frames: CPU time) and a browser page."""
+def ui(served, manifests, gpen512_file, face_weights):
+    """The served host plus 1024 and 2048 models, GFPGANv1.4.pth and codeformer.pth (random,
+    official layouts), the sample video (3 frames: CPU time) and a browser page."""
     folder = served.base / "models" / "facerestore_models"
     added = []
     for size in (1024, 2048):
         path = folder / f"GPEN-BFR-{size}.pth"
         if not path.exists():
             torch.save(random_state_dict(manifests[size], seed=size), path)
+            added.append(path)
+    for arch, name in (("GFPGAN", "GFPGANv1.4.pth"), ("CodeFormer", "codeformer.pth")):
+        path = folder / name
+        if not path.exists():
+            shutil.copy(face_weights(arch)[2], path)
             added.append(path)
     write_sample(served.base / "input" / "astronaut.mp4", frames=3)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,7 @@ def ui(served, manifests, gpen512_file):
 def test_the_shipped_workflows():
     assert {p.stem for p in WORKFLOWS} == {"restore_faces_in_a_photo", "restore_faces_after_stable_diffusion",
                                           "restore_face_swapped_frames", "compare_gpen_512_1024_2048",
-                                          "restore_faces_in_a_video"}
+                                          "compare_gpen_gfpgan_codeformer", "restore_faces_in_a_video"}
     for path in WORKFLOWS:  # the Templates browser's thumbnail
         assert path.with_suffix(".jpg").is_file(), path
 
@@ -121,8 +126,24 @@ def save_screenshot(page, name: str, view: dict) -> None:
     (ARTIFACTS / f"{name}.json").write_text(json.dumps({"graph": view["screen"], "zoom": view["zoom"]}))
 
 
+def forget_earlier_results(host) -> None:
+    """ComfyUI does not run nodes whose inputs are those of the previous prompt (it reuses their
+    outputs, so they show no notice), and the workflows share their first nodes. POST /free has
+    it drop that cache before it takes the prompt after the one it is running; the small prompt
+    queued behind it makes sure the drop is done before the workflow's prompt comes."""
+    request = urllib.request.Request(host.url + "/free", data=json.dumps({"free_memory": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).close()
+    entry = host.run({"gpen_ui_reset_1": {"class_type": "EmptyImage", "inputs": {
+        "width": 8, "height": 8, "batch_size": 1, "color": 0}}, "gpen_ui_reset_2": {
+        "class_type": "PreviewImage", "inputs": {"images": ["gpen_ui_reset_1", 0]}}})
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
 def run_from_ui(host, page) -> dict:
-    """Press Run (app.queuePrompt) and wait for the prompt's history entry."""
+    """Press Run (app.queuePrompt) on a host that forgot earlier results, and wait for the
+    prompt's history entry."""
+    forget_earlier_results(host)
     before = set(host.get("/history"))
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
     for _ in range(3600):
