@@ -5,8 +5,10 @@ unmaps it on free, so each large tensor of a forward -- a 512 face's activations
 each -- is faulted in again, page by page, on every call: measured here, 160,000 page faults and
 0.4 s of kernel time per bf16 GPEN-512 forward (850 ms eager, 505 ms without them). While
 ``reuse_freed_memory`` is entered, large blocks come from the heap instead and freed ones stay
-there for the next forward; on leaving, the thresholds go back to glibc's own steady state and
-everything free is returned to the system, so a server's memory does not stay up after a run.
+there for the next forward; on leaving, the thresholds go back to glibc's own steady state.
+Whoever ends a run hands what is free back with ``release_freed_memory`` (the frame engine every
+32 frames and at its end, ``pipeline.restore`` after its batch), so a server's memory does not
+stay up after a run; not after every batch, whose blocks the next batch would fault in again.
 
 Worker threads allocate from their own arenas, whose heaps hold at most 64 MiB: blocks larger
 than that are still mapped on every call there (about 15% of the faults of a 512 bf16 forward).
@@ -63,8 +65,8 @@ def release_freed_memory() -> None:
 @contextlib.contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """Within it, large freed blocks are kept for the next allocation instead of being unmapped
-    (see the module docstring); nested and concurrent uses share one hold, released by the last
-    to leave."""
+    (see the module docstring); nested and concurrent uses share one hold, ended by the last to
+    leave."""
     global _users
     with _lock:
         _users += 1

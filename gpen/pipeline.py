@@ -166,9 +166,13 @@ def restore_crops(model: FaceModel, crops: torch.Tensor, options: RestoreOptions
 def restore(model: FaceModel, crops: torch.Tensor, options: RestoreOptions = RestoreOptions(),
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             on_progress: FaceProgress | None = None) -> torch.Tensor:
-    """``restore_crops`` for an IMAGE batch of aligned crops; returns an IMAGE batch."""
+    """``restore_crops`` for an IMAGE batch of aligned crops; returns an IMAGE batch. The memory
+    the forwards freed goes back to the system afterwards."""
     restored = restore_crops(model, crops[..., :3].movedim(-1, 1), options, device, dtype, on_progress)
-    return restored.movedim(1, -1).contiguous()
+    out = restored.movedim(1, -1).contiguous()
+    del restored
+    heap.release_freed_memory()
+    return out
 
 
 def enlarge(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
