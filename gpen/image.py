@@ -48,12 +48,12 @@ def from_uint8(rgb: np.ndarray | torch.Tensor, device: torch.device | str) -> to
     """An 8-bit HxWx3 RGB picture (an array, or one ``upload`` put on ``device``) as float32
     ``[3,H,W]`` in 0..1 on ``device``."""
     pixels = rgb if isinstance(rgb, torch.Tensor) else upload(rgb, device)
-    return pixels.to(device).movedim(-1, 0).float() / 255.0
+    return pixels.to(device).movedim(-1, 0).float().div_(255.0)
 
 
 def to_uint8(frame: torch.Tensor) -> np.ndarray:
     """A ``[3,H,W]`` frame in 0..1 as 8-bit HxWx3 RGB numpy (rounded; one transfer back)."""
-    return (frame * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).movedim(0, -1).cpu().numpy()
+    return frame.mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).movedim(0, -1).cpu().numpy()
 
 
 def frame_to_image(frame: torch.Tensor) -> torch.Tensor:
