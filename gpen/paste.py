@@ -94,22 +94,21 @@ def _up(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def laplacian_blend(background: torch.Tensor, foreground: torch.Tensor, mask: torch.Tensor,
-                    levels: int) -> torch.Tensor:
-    """Multi-band blend of ``[C,H,W]`` images: each frequency band mixed with a mask blurred to
-    that band's scale."""
+def laplacian_blend(difference: torch.Tensor, mask: torch.Tensor, levels: int) -> torch.Tensor:
+    """Multi-band blend of a ``difference`` ``[C,H,W]`` (foreground - background) under ``mask``:
+    each frequency band weighted by the mask blurred to that band's scale; the background plus
+    the result is the blend. Blending the difference keeps far-away pixels exact."""
     if levels <= 1:
-        return background + (foreground - background) * mask
-    # Blending the difference keeps far-away pixels exact; diff and mask are reduced together.
-    pyramid = [torch.cat([foreground - background, mask[None]])]
+        return difference * mask
+    pyramid = [torch.cat([difference, mask[None]])]  # difference and mask are reduced together
     for _ in range(levels - 1):
         pyramid.append(_down(pyramid[-1]))
     blended = pyramid[-1][:3] * pyramid[-1][3:]
     for level in range(levels - 2, -1, -1):
         h, w = pyramid[level].shape[1:]
         band = pyramid[level][:3] - _up(pyramid[level + 1][:3], h, w)
-        blended = _up(blended, h, w) + band * pyramid[level][3:]
-    return background + blended
+        blended = band.mul_(pyramid[level][3:]).add_(_up(blended, h, w))
+    return blended
 
 
 @dataclass
@@ -208,18 +207,20 @@ def _composite_group(background: torch.Tensor, coverage_full: torch.Tensor, face
     bx1 = min(width, max(f.region[2] for f in faces) + margin)
     by1 = min(height, max(f.region[3] for f in faces) + margin)
     base = background[:, by0:by1, bx0:bx1]
-    colour_sum = torch.zeros_like(base)
-    weight_sum = base.new_zeros(base.shape[1:])
+    # The faces averaged by weight, fading to the background where the weights fade, as a change
+    # of the background: sum(w * (colour - base)) / max(sum(w), 1).
+    change = torch.zeros_like(base)
+    weight_sum = base.new_zeros(base.shape[1:]) if len(faces) > 1 else None
     coverage = coverage_full[by0:by1, bx0:bx1]  # a view: 1 - prod(1 - m), the union of soft masks
     for face in faces:
         x0, y0, x1, y1 = face.region[0] - bx0, face.region[1] - by0, face.region[2] - bx0, face.region[3] - by0
-        colour_sum[:, y0:y1, x0:x1] += face.colour * face.weight
-        weight_sum[y0:y1, x0:x1] += face.weight
+        change[:, y0:y1, x0:x1] += (face.colour - base[:, y0:y1, x0:x1]).mul_(face.weight)
+        if weight_sum is not None:
+            weight_sum[y0:y1, x0:x1] += face.weight
         coverage[y0:y1, x0:x1] = 1.0 - (1.0 - coverage[y0:y1, x0:x1]) * (1.0 - face.weight)
-    # Faces averaged by weight, fading to the background where the weights fade (continuous).
-    fill = (1.0 - weight_sum).clamp_(0.0, 1.0)
-    mixed = (colour_sum + base * fill) / (weight_sum + fill)
+    if weight_sum is not None:  # one face's weight is at most 1 already
+        change /= weight_sum.clamp_(min=1.0)
     levels = 1
     if blend == "multiband":
         levels = max(1, min(MAX_LEVELS, int(math.log2(max(min(base.shape[1:]), 1))) - 2))
-    background[:, by0:by1, bx0:bx1] = laplacian_blend(base, mixed, coverage, levels)
+    base += laplacian_blend(change, coverage, levels)
