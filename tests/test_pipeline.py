@@ -197,43 +197,43 @@ def test_faceset_flat_order():
     assert [i for i, _ in fs.flat()] == [0, 2, 2] and fs.count == 3
 
 
-def test_whole_frame_searches_run_as_one_batch(astro, mtcnn, monkeypatch):
-    """An IMAGE batch's frames go through the detector a batch at a time (MTCNN runs each pyramid
-    level of all of them in one pass) and find what frame-by-frame detection finds."""
-    frames = torch.cat([astro, astro.flip(2), astro.roll(40, dims=1)])
-    alone = [pipeline.detect(frames[i:i + 1], mtcnn).frames[0] for i in range(3)]
-    calls = []
+@pytest.fixture
+def detector_batches(mtcnn, monkeypatch) -> list[int]:
+    """The number of pictures in each batch the MTCNN detector is given, as they come."""
+    calls: list[int] = []
     original = type(mtcnn).detect_batch
 
     def counted(self, rgbs, threshold, min_face=0.0):
         calls.append(len(rgbs))
         return original(self, rgbs, threshold, min_face)
     monkeypatch.setattr(type(mtcnn), "detect_batch", counted)
+    return calls
+
+
+def test_whole_frame_searches_run_as_one_batch(astro, mtcnn, detector_batches):
+    """An IMAGE batch's frames go through the detector a batch at a time (MTCNN runs each pyramid
+    level of all of them in one pass) and find what frame-by-frame detection finds."""
+    frames = torch.cat([astro, astro.flip(2), astro.roll(40, dims=1)])
+    alone = [pipeline.detect(frames[i:i + 1], mtcnn).frames[0] for i in range(3)]
+    detector_batches.clear()
     together = pipeline.detect(frames, mtcnn).frames
-    assert calls == [3]
+    assert detector_batches == [3]
     for one, batched in zip(alone, together):
         assert len(one) == len(batched) == 1
         assert np.abs(np.array(one[0].box) - np.array(batched[0].box)).max() < 1e-2
         assert np.abs(one[0].landmarks - batched[0].landmarks).max() < 1e-2
 
 
-def test_whole_frame_batches_are_bounded_by_their_pixels(mtcnn, monkeypatch):
+def test_whole_frame_batches_are_bounded_by_their_pixels(mtcnn, detector_batches):
     """A batch holds at most DETECT_BATCH_PIXELS (MTCNN's memory grows by about 75 MB with each
     720p frame of a batch): 720p frames are searched one at a time, 360p ones four at a time."""
     from gpen.faces import DETECT_BATCH_PIXELS
 
-    calls = []
-    original = type(mtcnn).detect_batch
-
-    def counted(self, rgbs, threshold, min_face=0.0):
-        calls.append(len(rgbs))
-        return original(self, rgbs, threshold, min_face)
-    monkeypatch.setattr(type(mtcnn), "detect_batch", counted)
     pipeline.detect(torch.full((3, 720, 1280, 3), 0.5), mtcnn)
-    assert calls == [1, 1, 1] and 1280 * 720 <= DETECT_BATCH_PIXELS < 2 * 1280 * 720
-    calls.clear()
+    assert detector_batches == [1, 1, 1] and 1280 * 720 <= DETECT_BATCH_PIXELS < 2 * 1280 * 720
+    detector_batches.clear()
     pipeline.detect(torch.full((5, 360, 640, 3), 0.5), mtcnn)
-    assert calls == [4, 1]
+    assert detector_batches == [4, 1]
 
 
 def test_redetection_window_cut_by_the_frame_edge(astro, mtcnn):
