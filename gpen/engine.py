@@ -154,7 +154,8 @@ class FrameEngine:
                 if count % TRIM_EVERY == 0:
                     heap.release_freed_memory()
         finally:
-            restored.close()  # the worker threads end (and their frames are freed) before the trim
+            restored.close()  # both worker threads end (and their frames are freed) before the trim
+            detected.close()
             heap.release_freed_memory()
 
     def _detect(self, frames: Iterable[Frame], finder: FaceFinder) -> Iterator[Frame]:

@@ -5,7 +5,10 @@ unmaps it on free, so each large tensor of a forward -- a 512 face's activations
 each -- is faulted in again, page by page, on every call: measured here, 160,000 page faults and
 0.4 s of kernel time per bf16 GPEN-512 forward (850 ms eager, 505 ms without them). While
 ``reuse_freed_memory`` is entered, large blocks come from the heap instead and freed ones stay
-there for the next forward; on leaving, the thresholds go back to glibc's own steady state.
+there for the next forward; on leaving, the thresholds are set to what glibc's own ones settle
+at in such a process (glibc keeps no earlier value to go back to). Where a user tuned malloc
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES=glibc.malloc.*``) their
+settings are left alone.
 Whoever ends a run hands what is free back with ``release_freed_memory`` (the frame engine every
 32 frames and at its end, ``pipeline.restore`` after its batch), so a server's memory does not
 stay up after a run; not after every batch, whose blocks the next batch would fault in again.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import threading
 from collections.abc import Iterator
 
@@ -30,6 +34,7 @@ M_MMAP_THRESHOLD = -3
 STEADY_MMAP_THRESHOLD = 32 << 20
 STEADY_TRIM_THRESHOLD = 64 << 20
 HELD = 2**31 - 1  # the largest value mallopt takes: blocks up to 2 GiB from the heap, nothing trimmed
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _lock = threading.Lock()
 _users = 0
@@ -46,11 +51,19 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+def _user_tuned_malloc() -> bool:
+    return any(name in os.environ for name in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> None:
+    """Each threshold on its own; an mmap threshold glibc refuses (some releases take at most
+    32 MiB on 64-bit) falls back to that 32 MiB, which still keeps most activations."""
     libc = _libc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    if libc is None or _user_tuned_malloc():
+        return
+    if not libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold):
+        libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 def release_freed_memory() -> None:

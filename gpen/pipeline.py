@@ -168,11 +168,11 @@ def restore(model: FaceModel, crops: torch.Tensor, options: RestoreOptions = Res
             on_progress: FaceProgress | None = None) -> torch.Tensor:
     """``restore_crops`` for an IMAGE batch of aligned crops; returns an IMAGE batch. The memory
     the forwards freed goes back to the system afterwards."""
-    restored = restore_crops(model, crops[..., :3].movedim(-1, 1), options, device, dtype, on_progress)
-    out = restored.movedim(1, -1).contiguous()
-    del restored
-    heap.release_freed_memory()
-    return out
+    try:
+        return restore_crops(model, crops[..., :3].movedim(-1, 1), options, device, dtype,
+                             on_progress).movedim(1, -1).contiguous()
+    finally:
+        heap.release_freed_memory()
 
 
 def enlarge(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:

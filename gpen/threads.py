@@ -16,24 +16,43 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 
+def _torch_runtimes() -> list[ctypes.CDLL]:
+    """The OpenMP libraries torch ships (``torch/lib``, ``torch.libs``) that this process has
+    loaded: torch's own runtime, even where another package loaded a second one globally."""
+    package = Path(torch.__file__).parent
+    candidates = [path for folder in (package / "lib", package.parent / "torch.libs") if folder.is_dir()
+                  for path in sorted(folder.iterdir()) if "omp" in path.name.lower()]
+    loaded = []
+    for path in candidates:
+        try:
+            loaded.append(ctypes.CDLL(str(path), mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL))
+        except OSError:  # shipped but not loaded (or not loadable here)
+            continue
+    return loaded
+
+
 @functools.cache
 def _openmp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch runs on: loaded process-wide with torch, so its symbols resolve
-    from the process itself."""
+    """The OpenMP runtime torch runs on: the one it ships where loaded, else whichever the
+    process resolves ``omp_*`` to."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    try:
-        runtime = ctypes.CDLL(None)
-        runtime.omp_get_max_threads.restype = ctypes.c_int
-        runtime.omp_set_num_threads.argtypes = (ctypes.c_int,)
-        return runtime
-    except (OSError, TypeError, AttributeError):  # no such symbols, or no process handle (Windows)
-        return None
+    for runtime in [*_torch_runtimes(), None]:
+        try:
+            runtime = runtime if runtime is not None else ctypes.CDLL(None)
+            runtime.omp_get_max_threads.restype = ctypes.c_int
+            runtime.omp_set_num_threads.argtypes = (ctypes.c_int,)
+            return runtime
+        except (OSError, TypeError, AttributeError):  # no such symbols, or no process handle (Windows)
+            continue
+    return None
 
 
 @contextlib.contextmanager

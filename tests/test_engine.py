@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpen import FullGenerator, GPENConfig, pipeline
+from gpen import FullGenerator, GPENConfig, heap, pipeline
 from gpen.engine import Frame, FrameEngine, Restorer, ahead
 from gpen.options import DetectOptions, RestoreOptions
 
@@ -84,6 +84,18 @@ def test_stopping_early_stops_the_workers(astronaut, mtcnn, tiny_model):
     run.close()
     assert threading.active_count() == before
     assert len(pulled) < 40  # the decoder was not drained to the end
+
+
+def test_the_final_trim_comes_after_every_worker_has_ended(astronaut, mtcnn, tiny_model, monkeypatch):
+    """Frames the workers still hold when the run stops would otherwise stay behind the trim."""
+    workers_at_trim = []
+    monkeypatch.setattr(heap, "release_freed_memory", lambda: workers_at_trim.append(
+        sum(thread.name == "gpen-engine" for thread in threading.enumerate())))
+    run = engine_for(tiny_model, mtcnn).run(Frame(i, f) for i, f in enumerate(panning_frames(astronaut, 40)))
+    for _ in range(3):
+        next(run)
+    run.close()
+    assert workers_at_trim == [0]
 
 
 def test_a_worker_error_reaches_the_consumer():

@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
 from conftest import REPO
-from gpen import threads
+from gpen import heap, threads
 
 # Run in a fresh process: where glibc places a block depends on everything the process
 # allocated before, and a test suite's heap is anyone's guess.
@@ -57,6 +58,48 @@ def test_large_blocks_are_reused_while_held_and_handed_back_when_released():
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+def test_a_users_own_malloc_settings_are_left_alone():
+    """MALLOC_MMAP_THRESHOLD_ set (here: every block over 1 MiB mapped): the hold changes nothing."""
+    probe = HEAP_PROBE.split("outside = ")[0] + """
+with heap.reuse_freed_memory():
+    inside = [faults(n) for n in range(3)]
+print("faults inside the hold with the user's threshold:", inside)
+assert min(inside) > PAGES // 2, "still mapped afresh: the user's threshold holds"
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+class RefusingLibc:
+    """A glibc that takes mmap thresholds up to 32 MiB only, as some releases do."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        accepted = not (parameter == heap.M_MMAP_THRESHOLD and value > 32 << 20)
+        self.calls.append((parameter, value, accepted))
+        return int(accepted)
+
+
+def test_a_refused_mmap_threshold_falls_back_and_the_trim_threshold_is_still_set(monkeypatch):
+    libc = RefusingLibc()
+    monkeypatch.setattr(heap, "_libc", lambda: libc)
+    for name in (*heap.USER_SETTINGS, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    with heap.reuse_freed_memory():
+        assert libc.calls == [(heap.M_MMAP_THRESHOLD, heap.HELD, False),
+                              (heap.M_MMAP_THRESHOLD, heap.STEADY_MMAP_THRESHOLD, True),
+                              (heap.M_TRIM_THRESHOLD, heap.HELD, True)]
+
+
+def test_the_narrowing_acts_on_the_openmp_runtime_torch_ships():
+    runtime = threads._openmp()
+    assert runtime is not None and Path(runtime._name).is_relative_to(Path(torch.__file__).parent), runtime
 
 
 def test_one_thread_is_narrowed_to_one_core_and_the_others_keep_theirs():
