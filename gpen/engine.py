@@ -87,25 +87,63 @@ def load_restorer(model_path: str | Path, device: torch.device | str, dtype: tor
     return Restorer(model, device, dtype, load_detector(detector, weights_dirs, str(device)), parser, upscaler)
 
 
+UPSCALE_TILE = 512  # px of input per upscaler tile, as ComfyUI's Upscale Image (using Model)
+UPSCALE_OVERLAP = 32  # px of context on each side of a tile, cut off its output
+
+
 def model_upscaler(path: str | Path, device: torch.device) -> Upscaler:
     """A background upscaler from an upscale model file (ESRGAN and the other architectures
-    spandrel reads, as ComfyUI's Load Upscale Model does), resized to the exact size asked for."""
+    spandrel reads, as ComfyUI's Load Upscale Model does), run in tiles and resized to the exact
+    size asked for."""
     try:
-        from spandrel import ModelLoader
+        from spandrel import ImageModelDescriptor, ModelLoader
     except ImportError:
         raise ValueError("--upscale-model needs spandrel (pip install spandrel), which ComfyUI installs.") from None
     from .loader import ModelLoadError
 
+    name = Path(path).name
     try:
         descriptor = ModelLoader(device).load_from_file(str(path)).eval()
     except Exception as error:  # spandrel raises several types for files it cannot use
-        raise ModelLoadError(f"{Path(path).name} is not an upscale model spandrel can load ({error}).") from None
+        raise ModelLoadError(f"{name} is not an upscale model spandrel can load ({error}).") from None
+    if (not isinstance(descriptor, ImageModelDescriptor) or descriptor.purpose == "FaceSR"
+            or descriptor.input_channels != 3 or descriptor.output_channels != 3):
+        raise ModelLoadError(f"{name} is a {descriptor.architecture.name} model ({descriptor.purpose}), not an RGB "
+                             "upscaler: give --upscale-model an upscale model (ESRGAN, RealESRGAN, SwinIR, ...).")
 
     def run(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        with torch.inference_mode():
-            enlarged = descriptor(frame[None].to(device))[0].float().clamp(0.0, 1.0)
+        tile = UPSCALE_TILE
+        while True:
+            try:
+                enlarged = upscale_tiled(descriptor, frame.to(device), tile)
+                break
+            except torch.OutOfMemoryError:
+                if tile <= 4 * UPSCALE_OVERLAP:
+                    raise
+                tile //= 2
         return enlarge(enlarged, width, height)
     return run
+
+
+def upscale_tiled(descriptor, frame: torch.Tensor, tile: int) -> torch.Tensor:
+    """``descriptor``'s enlargement of a ``[3,H,W]`` frame, one ``tile``-sized piece at a time:
+    a whole 1080p frame at 4x needs gigabytes inside the network. Each piece is run with
+    ``UPSCALE_OVERLAP`` px of its neighbours around it, cut off its output, so there are no seams
+    where the network sees less than that beyond a tile."""
+    scale = descriptor.scale
+    _, height, width = frame.shape
+    out = torch.empty(3, height * scale, width * scale, device=frame.device)
+    step = tile - 2 * UPSCALE_OVERLAP
+    with torch.inference_mode():
+        for top in range(0, height, step):
+            for left in range(0, width, step):
+                bottom, right = min(top + step, height), min(left + step, width)
+                y0, x0 = max(top - UPSCALE_OVERLAP, 0), max(left - UPSCALE_OVERLAP, 0)
+                y1, x1 = min(bottom + UPSCALE_OVERLAP, height), min(right + UPSCALE_OVERLAP, width)
+                piece = descriptor(frame[None, :, y0:y1, x0:x1])[0]
+                out[:, top * scale:bottom * scale, left * scale:right * scale] = piece[
+                    :, (top - y0) * scale:(bottom - y0) * scale, (left - x0) * scale:(right - x0) * scale]
+    return out.clamp_(0.0, 1.0)
 
 
 @dataclass

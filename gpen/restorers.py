@@ -179,19 +179,26 @@ def _spandrel_architecture(state_dict: dict[str, torch.Tensor],
         what = f"it looks like {foreign}" if foreign else f"no known architecture matches its {len(state_dict)} tensors"
         raise ModelLoadError(f"{name} is not a face restorer this pack runs: {what}. Supported: {SUPPORTED}.")
     if str(support.architecture.id) not in FACE_ARCHES:
-        raise ModelLoadError(f"{name} is a {support.architecture.name} model, not a face restorer: load it "
-                             f"with Load Upscale Model. Supported here: {SUPPORTED}.")
+        raise ModelLoadError(f"{name} is a {support.architecture.name} model, not a face restorer: use it with the "
+                             f"node made for its kind (an upscaler: Load Upscale Model). Supported here: {SUPPORTED}.")
     return support, state_dict
 
 
 def _spandrel_descriptor(state_dict: dict[str, torch.Tensor], name: str):
     support, state_dict = _spandrel_architecture(state_dict, name)
     try:
-        return support.architecture.load(state_dict)
+        descriptor = support.architecture.load(state_dict)
     except Exception as error:  # the keys matched but the tensors do not fit: spandrel raises many types
         what = identify_foreign(state_dict) or support.architecture.name
-        raise ModelLoadError(f"{name} looks like {what} but its tensors do not fit it ({type(error).__name__}: "
-                             f"{error}); the file is incomplete or modified. Download it again.") from None
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"{name} looks like {what} but its tensors do not fit it ({reason}). Supported: "
+                             f"{SUPPORTED}; if it is one of those, the file is incomplete or modified: download "
+                             "it again.") from None
+    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
+        raise ModelLoadError(f"{name} is a {support.architecture.name} model for {descriptor.input_channels}-channel "
+                             f"input and {descriptor.output_channels}-channel output; faces are restored in RGB. "
+                             f"Supported: {SUPPORTED}.")
+    return descriptor
 
 
 def supported_dtype(model: FaceModel, dtype: torch.dtype, bf16_ok: bool = True) -> torch.dtype:

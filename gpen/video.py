@@ -202,9 +202,9 @@ class VideoReader:
         decoded = self._decoded_from(start_pts)
         first = next(decoded, None)
         if first is None:
-            raise VideoError(f"{info.path}: the trim window ({start:.3f} s for "
-                             f"{span.duration or length - start:.3f} s) holds no frame of this "
-                             f"{length:.3f} s video. Change Trim Video's start_time and duration.")
+            window = f"{span.duration:.3f} s from {start:.3f} s" if span.duration else f"from {start:.3f} s to the end"
+            raise VideoError(f"{info.path}: the trim window ({window}) holds no frame of this {length:.3f} s "
+                             "video. Change Trim Video's start_time and duration.")
         self._offset = first.pts or 0
         self._decoded = itertools.chain([first], decoded)
         left = length - self._offset * info.time_base

@@ -55,6 +55,24 @@ def test_restore_an_image_file(tmp_path, astronaut):
     assert out.shape == astronaut.shape and not np.array_equal(out[..., ::-1], astronaut)
 
 
+def test_restore_with_an_upscaled_background(tmp_path, astronaut):
+    """--upscale 2 with an upscale model draws the background with it (in tiles), not Lanczos."""
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+
+    tiny_checkpoint(tmp_path / "tiny.pth")
+    torch.manual_seed(0)
+    torch.save(SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).state_dict(), tmp_path / "tiny_x2.pth")
+    cv2.imwrite(str(tmp_path / "in.png"), astronaut[..., ::-1])
+    common = ("restore", "--model", tmp_path / "tiny.pth", "--upscale", 2, tmp_path / "in.png")
+    with_model = gpen_cli(*common, tmp_path / "model.png", "--upscale-model", tmp_path / "tiny_x2.pth")
+    assert with_model.returncode == 0, with_model.stderr
+    plain = gpen_cli(*common, tmp_path / "lanczos.png")
+    assert plain.returncode == 0, plain.stderr
+    drawn, lanczos = cv2.imread(str(tmp_path / "model.png")), cv2.imread(str(tmp_path / "lanczos.png"))
+    assert drawn.shape == lanczos.shape == (1024, 1024, 3)
+    assert np.abs(drawn.astype(int) - lanczos.astype(int)).mean() > 5
+
+
 def test_bad_model_is_a_clear_error(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"")
     result = gpen_cli("convert", tmp_path / "bad.pth", tmp_path / "x.safetensors")

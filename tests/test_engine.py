@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from gpen import FullGenerator, GPENConfig, heap, pipeline
+from gpen import engine
 from gpen.engine import Frame, FrameEngine, Restorer, ahead
+from gpen.loader import ModelLoadError
 from gpen.options import DetectOptions, RestoreOptions
 
 
@@ -115,3 +117,47 @@ def test_bench_video_times_every_stage_around_the_model(tmp_path, capsys):
     assert row["frames"] == 6 and row["faces"] > 0 and row["fps"] > 0
     assert all(row[f"{stage}_ms"] > 0 for stage in ("decode", "detect", "align", "paste", "encode"))
     assert "pass-through" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def compact_x2(tmp_path_factory):
+    """A tiny Real-ESRGAN Compact 2x upscaler (random weights): 4 convolutions, so 32 px of
+    context around a tile is all it can see."""
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("upscalers") / "tiny_x2.pth"
+    torch.save(SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).state_dict(), path)
+    return path
+
+
+def test_the_upscaler_runs_in_tiles_equal_to_the_whole_frame(compact_x2):
+    from spandrel import ModelLoader
+
+    descriptor = ModelLoader().load_from_file(str(compact_x2)).eval()
+    frame = torch.rand(3, 150, 211)  # tiles of 64 px with 32 px of context: ragged edges in both directions
+    with torch.inference_mode():
+        whole = descriptor(frame[None])[0].clamp(0, 1)
+    tiled = engine.upscale_tiled(descriptor, frame, 96)
+    assert tiled.shape == (3, 300, 422)
+    assert (tiled - whole).abs().max() < 1e-5
+
+
+def test_the_upscaler_halves_its_tiles_when_memory_runs_out(compact_x2, monkeypatch):
+    tried, upscale_tiled = [], engine.upscale_tiled
+
+    def short_of_memory(descriptor, frame, tile):
+        tried.append(tile)
+        if tile > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return upscale_tiled(descriptor, frame, tile)
+    monkeypatch.setattr(engine, "upscale_tiled", short_of_memory)
+    out = engine.model_upscaler(compact_x2, torch.device("cpu"))(torch.rand(3, 100, 120), 300, 250)
+    assert tried == [engine.UPSCALE_TILE, engine.UPSCALE_TILE // 2, engine.UPSCALE_TILE // 4]
+    assert out.shape == (3, 250, 300)
+
+
+def test_a_face_model_is_refused_as_the_background_upscaler(face_weights):
+    _, _, gfpgan, _ = face_weights("GFPGAN")
+    with pytest.raises(ModelLoadError, match="GFPGAN.pth is a GFPGAN model .*not an RGB upscaler"):
+        engine.model_upscaler(gfpgan, torch.device("cpu"))

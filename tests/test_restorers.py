@@ -239,11 +239,19 @@ def test_code_running_pickle_is_refused(tmp_path, suffix):
     assert not marker.exists()
 
 
-def test_other_files_say_what_they_are_and_what_is_supported(tmp_path):
+def test_other_files_say_what_they_are_and_what_is_supported(tmp_path, face_weights):
     torch.save({"conv_body_first.weight": torch.zeros(1)}, tmp_path / "GFPGANv1.4.pth")
     with pytest.raises(ModelLoadError, match="GFPGAN") as partial:
         load_face_model(tmp_path / "GFPGANv1.4.pth")
     assert "Supported" in str(partial.value)
+    _, _, gfpgan, _ = face_weights("GFPGAN")
+    state_dict = torch.load(gfpgan, weights_only=True)["params_ema"]
+    state_dict["final_linear.weight"] = state_dict["final_linear.weight"][:, :7]  # one tensor cut short
+    torch.save(state_dict, tmp_path / "GFPGANv1.3.pth")
+    with pytest.raises(ModelLoadError, match=r"GFPGANv1.3.pth looks like GFPGAN but its tensors do not fit it \(.*\)"
+                                             r"\. Supported: GPEN-BFR.*download it again\.") as mismatch:
+        load_face_model(tmp_path / "GFPGANv1.3.pth")
+    assert len(str(mismatch.value)) < 500, "one line of the cause, not torch's list of every key"
     torch.save({"some.weight": torch.zeros(3)}, tmp_path / "mystery.pth")
     with pytest.raises(ModelLoadError, match="mystery.pth.*Supported: GPEN-BFR.*CodeFormer"):
         load_face_model(tmp_path / "mystery.pth")
@@ -257,7 +265,7 @@ def test_codeformer_without_its_package_says_how_to_get_it(face_weights, monkeyp
     monkeypatch.setitem(sys.modules, "spandrel_extra_arches", None)  # as if not installed
     with pytest.raises(ModelLoadError, match="CodeFormer.pth is CodeFormer: CodeFormer needs the optional package "
                                              r"spandrel_extra_arches \(pip install spandrel_extra_arches; "
-                                             "CodeFormer's licence is non-commercial\)"):
+                                             r"CodeFormer's licence is non-commercial\)"):
         load_face_model(face_weights("CodeFormer")[2])
 
 
