@@ -53,6 +53,29 @@ def save(images: list, prefix: str) -> dict:
     return {"class_type": "SaveImage", "inputs": {"images": images, "filename_prefix": prefix}}
 
 
+def side_by_side(models: list[str], prefix: str, upscale: float = 1.0,
+                 restore_options: list[dict] | None = None) -> dict:
+    """original | one model | the next | ...: faces detected once, restored by each model (with
+    its own ``restore_options``) and pasted back, the results stitched left to right."""
+    graph = {"1": load(), "2": detect(["1", 0])}
+    loaders = range(3, 3 + len(models))
+    restores = range(loaders.stop, loaders.stop + len(models))
+    pastes = range(restores.stop, restores.stop + len(models))
+    for model, node in zip(models, loaders):
+        graph[str(node)] = loader(model)
+    for options, node, model_node in zip(restore_options or [{}] * len(models), restores, loaders):
+        graph[str(node)] = restore([str(model_node), 0], ["1", 0], ["2", 0], **options)
+    for node, restored in zip(pastes, restores):
+        graph[str(node)] = paste(["1", 0], [str(restored), 0], [str(restored), 1], upscale=upscale)
+    strip = pastes.stop  # the stitched strip so far
+    graph[str(strip)] = stitch([str(pastes.start), 0], ["1", 0], direction="left")
+    for pasted in pastes[1:]:
+        graph[str(strip + 1)] = stitch([str(strip), 0], [str(pasted), 0])
+        strip += 1
+    graph[str(strip + 1)] = save([str(strip), 0], prefix)
+    return graph
+
+
 WORKFLOWS: dict[str, tuple[dict, str]] = {
     "restore_faces_in_a_photo": ({
         "1": load(),
@@ -103,44 +126,17 @@ WORKFLOWS: dict[str, tuple[dict, str]] = {
        "Images; in practice the face-swap node's output or a video loader). Detect Faces keeps only "
        "the largest face (max_faces 1) and smooths its landmarks over the frames (smoothing 0.8) "
        "so the restored face does not flicker. Strength 0.8 keeps some of the swap's own texture."),
-    "compare_gpen_512_1024_2048": ({
-        "1": load(),
-        "2": detect(["1", 0]),
-        "3": loader("GPEN-BFR-512.pth"),
-        "4": loader("GPEN-BFR-1024.pth"),
-        "5": loader("GPEN-BFR-2048.pth"),
-        "6": restore(["3", 0], ["1", 0], ["2", 0]),
-        "7": restore(["4", 0], ["1", 0], ["2", 0]),
-        "8": restore(["5", 0], ["1", 0], ["2", 0]),
-        "9": paste(["1", 0], ["6", 0], ["6", 1], upscale=2.0),
-        "10": paste(["1", 0], ["7", 0], ["7", 1], upscale=2.0),
-        "11": paste(["1", 0], ["8", 0], ["8", 1], upscale=2.0),
-        "12": stitch(["9", 0], ["1", 0], direction="left"),
-        "13": stitch(["12", 0], ["10", 0]),
-        "14": stitch(["13", 0], ["11", 0]),
-        "15": save(["14", 0], "gpen_compare"),
-    }, "Before / after with the 512, 1024 and 2048 models, side by side: original | 512 | 1024 | 2048.\n\n"
+    "compare_gpen_512_1024_2048": (side_by_side(
+        ["GPEN-BFR-512.pth", "GPEN-BFR-1024.pth", "GPEN-BFR-2048.pth"], "gpen_compare", upscale=2.0,
+    ), "Before / after with the 512, 1024 and 2048 models, side by side: original | 512 | 1024 | 2048.\n\n"
        "Faces are detected once and restored by each model at its own size, then pasted onto the photo "
        "enlarged 2x (upscale 2 on Paste Back), so the larger models' extra detail is kept instead of "
        "being shrunk back to the face's size in the photo. Needs GPEN-BFR-512.pth, GPEN-BFR-1024.pth "
        "and GPEN-BFR-2048.pth in models/facerestore_models."),
-    "compare_gpen_gfpgan_codeformer": ({
-        "1": load(),
-        "2": detect(["1", 0]),
-        "3": loader("GPEN-BFR-512.pth"),
-        "4": loader("GFPGANv1.4.pth"),
-        "5": loader("codeformer.pth"),
-        "6": restore(["3", 0], ["1", 0], ["2", 0]),
-        "7": restore(["4", 0], ["1", 0], ["2", 0]),
-        "8": restore(["5", 0], ["1", 0], ["2", 0], fidelity=0.5),
-        "9": paste(["1", 0], ["6", 0], ["6", 1]),
-        "10": paste(["1", 0], ["7", 0], ["7", 1]),
-        "11": paste(["1", 0], ["8", 0], ["8", 1]),
-        "12": stitch(["9", 0], ["1", 0], direction="left"),
-        "13": stitch(["12", 0], ["10", 0]),
-        "14": stitch(["13", 0], ["11", 0]),
-        "15": save(["14", 0], "face_restorers_compare"),
-    }, "Three face restorers on one photo, side by side: original | GPEN-512 | GFPGAN | CodeFormer.\n\n"
+    "compare_gpen_gfpgan_codeformer": (side_by_side(
+        ["GPEN-BFR-512.pth", "GFPGANv1.4.pth", "codeformer.pth"], "face_restorers_compare",
+        restore_options=[{}, {}, {"fidelity": 0.5}],
+    ), "Three face restorers on one photo, side by side: original | GPEN-512 | GFPGAN | CodeFormer.\n\n"
        "Faces are detected once; each model aligns them to its own template and size and they are "
        "pasted back the same way. Needs GPEN-BFR-512.pth, GFPGANv1.4.pth and codeformer.pth in "
        "models/facerestore_models.\n\n"
