@@ -112,10 +112,10 @@ def model_upscaler(path: str | Path, device: torch.device) -> Upscaler:
                              "upscaler: give --upscale-model an upscale model (ESRGAN, RealESRGAN, SwinIR, ...).")
 
     def run(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        tile = UPSCALE_TILE
+        frame, tile = frame.to(device), UPSCALE_TILE
         while True:
             try:
-                enlarged = upscale_tiled(descriptor, frame.to(device), tile)
+                enlarged = upscale_tiled(descriptor, frame, tile)
                 break
             except torch.OutOfMemoryError:
                 if tile <= 4 * UPSCALE_OVERLAP:
@@ -222,9 +222,8 @@ class FrameEngine:
                 start = time.perf_counter()
                 with threads.on_this_thread_only():
                     work.uploaded = im.upload(frame.rgb, self.restorer.device)
-                    work.crops, work.affines = align_frame(im.from_uint8(work.uploaded, self.restorer.device),
-                                                             frame.faces, self.restorer.model.size,
-                                                             self.restorer.model.template)
+                    work.crops, work.affines = align_frame(im.from_uint8(work.uploaded), frame.faces,
+                                                             self.restorer.model.size, self.restorer.model.template)
                 self.timings["align"] += time.perf_counter() - start
             pending.append(work)
             waiting_faces += len(frame.faces)
@@ -252,7 +251,7 @@ class FrameEngine:
             return frame
         start = time.perf_counter()
         restored = list(work.restored) if work.restored is not None else []
-        pixels = im.from_uint8(work.uploaded, self.restorer.device)
+        pixels = im.from_uint8(work.uploaded)
         result, _ = paste_frame(pixels, restored, list(work.crops), work.affines, self.paste_options,
                                 self.restorer.upscaler, self.restorer.parser)
         frame.output = im.to_uint8(result)

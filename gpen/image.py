@@ -44,11 +44,9 @@ def upload(rgb: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).to(device)
 
 
-def from_uint8(rgb: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """An 8-bit HxWx3 RGB picture (an array, or one ``upload`` put on ``device``) as float32
-    ``[3,H,W]`` in 0..1 on ``device``."""
-    pixels = rgb if isinstance(rgb, torch.Tensor) else upload(rgb, device)
-    return pixels.to(device).movedim(-1, 0).float().div_(255.0)
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """An ``upload``-ed 8-bit HxWx3 picture as float32 ``[3,H,W]`` in 0..1, where it is."""
+    return pixels.movedim(-1, 0).float().div_(255.0)
 
 
 def to_uint8(frame: torch.Tensor) -> np.ndarray:

@@ -190,7 +190,8 @@ def _spandrel_descriptor(state_dict: dict[str, torch.Tensor], name: str):
         descriptor = support.architecture.load(state_dict)
     except Exception as error:  # the keys matched but the tensors do not fit: spandrel raises many types
         what = identify_foreign(state_dict) or support.architecture.name
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        lines = str(error).strip().splitlines()
+        reason = lines[0][:200] if lines else type(error).__name__
         raise ModelLoadError(f"{name} looks like {what} but its tensors do not fit it ({reason}). Supported: "
                              f"{SUPPORTED}; if it is one of those, the file is incomplete or modified: download "
                              "it again.") from None
