@@ -33,21 +33,16 @@ sys.path.insert(0, str(TESTS))
 import videoclips  # noqa: E402
 from conftest import ComfyHost  # noqa: E402
 from gpen import FullGenerator, GPENConfig  # noqa: E402
+from test_video_node import video_graph  # noqa: E402
 
 MODELS = {"tiny": GPENConfig(size=64, style_dim=32, n_mlp=2, narrow=1 / 16), "512": GPENConfig(512)}
 
 
-def video_graph(clip: str, model: str, precision: str) -> dict:
-    return {
-        "1": {"class_type": "LoadVideo", "inputs": {"file": clip}},
-        "2": {"class_type": "GPENModelLoader", "inputs": {"model_name": model, "precision": precision}},
-        "3": {"class_type": "GPENRestoreVideo", "inputs": {
-            "video": ["1", 0], "gpen_model": ["2", 0], "detector": "mtcnn", "threshold": 0.9, "max_faces": 0,
-            "order": "largest first", "min_size": 0, "indices": "", "strength": 1.0, "batch_size": 4,
-            "feather": 0.15}},
-        "4": {"class_type": "SaveVideo", "inputs": {"video": ["3", 0], "filename_prefix": "bench/restored",
-                                                    "format": "auto", "codec": "auto"}},
-    }
+def bench_graph(clip: str, model: str, precision: str) -> dict:
+    """The video node tests' graph, Load Video -> GPEN Restore Video -> Save Video, in ``precision``."""
+    graph = video_graph(clip, "bench/restored", model)
+    graph["2"]["inputs"]["precision"] = precision
+    return graph
 
 
 def peak_rss_while(host: ComfyHost, graph: dict, timeout: float) -> tuple[int, int, float]:
@@ -98,9 +93,9 @@ def main() -> None:
                                             frames=frames)
                 shutil.copy(clip, base / "input" / f"again{frames}.mp4")  # not served from the cache
                 time.sleep(2)  # the server settles after start-up
-                idle, cold_peak, _ = peak_rss_while(host, video_graph(clip.name, model, args.precision), 3600)
+                idle, cold_peak, _ = peak_rss_while(host, bench_graph(clip.name, model, args.precision), 3600)
                 _, warm_peak, seconds = peak_rss_while(
-                    host, video_graph(f"again{frames}.mp4", model, args.precision), 3600)
+                    host, bench_graph(f"again{frames}.mp4", model, args.precision), 3600)
                 after = psutil.Process(host.proc.pid).memory_info().rss
             finally:
                 host.stop()
